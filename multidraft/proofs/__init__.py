@@ -1,0 +1,16 @@
+"""Exact analysis: enumeration of a verifier's output law and the optimal acceptance bound."""
+
+from .enumeration import acceptance_rate, output_distribution
+from .optimal import (
+    optimal_acceptance,
+    optimal_acceptance_bruteforce,
+    optimal_acceptance_for_scheme,
+)
+
+__all__ = [
+    "acceptance_rate",
+    "optimal_acceptance",
+    "optimal_acceptance_bruteforce",
+    "optimal_acceptance_for_scheme",
+    "output_distribution",
+]

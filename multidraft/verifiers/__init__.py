@@ -1,0 +1,14 @@
+"""Interchangeable multi-draft verifiers, chosen by name (see base.py for the contract)."""
+
+from .base import (
+    Verdict,
+    Verifier,
+    available_verifiers,
+    get_verifier,
+    register_verifier,
+)
+
+# Importing a verifier module registers it.
+from . import single, rrs, rrs_wor  # noqa: E402,F401
+
+__all__ = ["Verdict", "Verifier", "available_verifiers", "get_verifier", "register_verifier"]

@@ -1,0 +1,304 @@
+"""The verifier contract, the registry, argument validation and shared sampling helpers.
+
+Conventions used by every verifier (the same names run through the engine and proofs):
+
+    p       [B, V]  target probabilities: the large model, the law the output must follow
+    q       [B, V]  draft probabilities: the small model, the law that proposes tokens
+    drafts  [B, k]  LongTensor of ordered draft tokens, one row per tree node
+
+A verifier is a pair (draft scheme, kernel).  ``draft`` samples the ordered k-tuple of
+drafts from q by the verifier's own scheme; ``draft_probability`` is the exact probability of
+a given tuple under that scheme; ``kernel`` is the exact distribution of the emitted token
+given p, q and the tuple; ``verify`` samples from ``kernel``.  A verifier is exact when for all
+p, q, k
+
+    sum over tuples t of draft_probability(q, t) * kernel(p, q, t) == p.
+
+Subclasses implement ``_draft``, ``_draft_probability``, ``_kernel`` and optionally a faster
+``_verify``; the public methods validate arguments (unless switched off) and dispatch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar, NamedTuple, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Verdict",
+    "Verifier",
+    "available_verifiers",
+    "get_verifier",
+    "register_verifier",
+    "sample_from_weights",
+    "first_match",
+]
+
+
+class Verdict(NamedTuple):
+    """What ``verify`` decides for each of the B nodes."""
+
+    token: Tensor  # [B] the emitted token
+    accepted: Tensor  # [B] index of the first draft equal to ``token``, or -1 if none is
+
+
+# Row sums may drift from 1 by rounding; beyond these the input is not a distribution.
+SUM_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
+
+
+class Verifier:
+    """Base class of all verifiers.  See the module docstring for the contract."""
+
+    # Capability flags: class attributes, read by the engine, the proofs and the reports.
+    name: ClassVar[str] = ""
+    min_drafts: ClassVar[int] = 1
+    max_drafts: ClassVar[int | None] = None  # None: any k >= min_drafts
+    distinct_drafts: ClassVar[bool] = False  # True: draft() never repeats a token in a row
+    iid_drafts: ClassVar[bool] = True  # True: draft() is k i.i.d. samples from q
+
+    _default_validate_args: ClassVar[bool] = True
+
+    def __init__(self, validate_args: bool | None = None):
+        self.validate_args = (
+            Verifier._default_validate_args if validate_args is None else bool(validate_args)
+        )
+
+    @staticmethod
+    def set_default_validate_args(value: bool) -> None:
+        """Switch argument validation on or off for verifiers created afterwards.
+
+        Validation syncs with the device (it reads values back to report them); turn it off
+        in a serving loop once the inputs are known to be well formed.
+        """
+        Verifier._default_validate_args = bool(value)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, validate_args={self.validate_args})"
+
+    # ---- public API -------------------------------------------------------------------
+
+    def draft(self, q: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """Sample drafts by this verifier's own scheme: LongTensor [B, k]."""
+        if self.validate_args:
+            check_distribution("q", q)
+            self.check_num_drafts(k, q)
+        return self._draft(q, k, generator)
+
+    def draft_probability(self, q: Tensor, drafts: Tensor) -> Tensor:
+        """Exact probability [B] that ``draft(q, k)`` returns each ordered tuple in ``drafts``.
+
+        Tuples the scheme cannot produce (a token with q = 0, a repeat under a scheme that
+        draws distinct tokens) get probability 0 rather than an error: this is the function
+        that exact enumeration sums over.
+        """
+        if self.validate_args:
+            check_distribution("q", q)
+            check_drafts(drafts, q, require_positive_q=False)
+            self.check_num_drafts(drafts.shape[1], q)
+        return self._draft_probability(q, drafts)
+
+    def kernel(self, p: Tensor, q: Tensor, drafts: Tensor) -> Tensor:
+        """Exact distribution [B, V] of the emitted token given p, q and the drafts."""
+        if self.validate_args:
+            self.check_inputs(p, q, drafts)
+        return self._kernel(p, q, drafts)
+
+    def verify(
+        self, p: Tensor, q: Tensor, drafts: Tensor, generator: torch.Generator | None = None
+    ) -> Verdict:
+        """Sample the emitted token from ``kernel`` and report which draft (if any) it is."""
+        if self.validate_args:
+            self.check_inputs(p, q, drafts)
+        return self._verify(p, q, drafts, generator)
+
+    # ---- what subclasses implement ----------------------------------------------------
+
+    def _draft(self, q: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+        raise NotImplementedError
+
+    def _draft_probability(self, q: Tensor, drafts: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _kernel(self, p: Tensor, q: Tensor, drafts: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _verify(
+        self, p: Tensor, q: Tensor, drafts: Tensor, generator: torch.Generator | None
+    ) -> Verdict:
+        # Correct for every verifier; subclasses override it when a direct sampler is cheaper.
+        token = sample_from_weights(self._kernel(p, q, drafts), generator)
+        return Verdict(token, first_match(drafts, token))
+
+    # ---- validation -------------------------------------------------------------------
+
+    def check_num_drafts(self, k: int, q: Tensor) -> None:
+        """Raise ValueError unless this verifier can draft k tokens from every row of q."""
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ValueError(f"k must be an int, got {k!r} of type {type(k).__name__}")
+        if k < self.min_drafts:
+            raise ValueError(f"{self.name} needs k >= {self.min_drafts} drafts, got k = {k}")
+        if self.max_drafts is not None and k > self.max_drafts:
+            raise ValueError(f"{self.name} supports at most {self.max_drafts} drafts, got k = {k}")
+        if self.distinct_drafts:
+            support = (q > 0).sum(dim=-1)  # [B]
+            row = int(torch.argmin(support))
+            if int(support[row]) < k:
+                raise ValueError(
+                    f"{self.name} draws k = {k} distinct drafts, but row {row} of q has only "
+                    f"{int(support[row])} tokens with positive probability"
+                )
+
+    def check_inputs(self, p: Tensor, q: Tensor, drafts: Tensor) -> None:
+        check_distribution("p", p)
+        check_distribution("q", q)
+        if p.shape != q.shape:
+            raise ValueError(f"p and q must have the same shape [B, V], got {tuple(p.shape)} and {tuple(q.shape)}")
+        if p.device != q.device:
+            raise ValueError(f"p and q must be on the same device, got {p.device} and {q.device}")
+        if p.dtype != q.dtype:
+            raise ValueError(f"p and q must have the same dtype, got {p.dtype} and {q.dtype}")
+        check_drafts(drafts, q, require_positive_q=True)
+        self.check_num_drafts(drafts.shape[1], q)
+        if self.distinct_drafts and drafts.shape[1] > 1:
+            ordered = drafts.sort(dim=-1).values
+            repeats = (ordered[:, 1:] == ordered[:, :-1]).any(dim=-1)  # [B]
+            if bool(repeats.any()):
+                row = int(repeats.nonzero()[0, 0])
+                raise ValueError(
+                    f"{self.name} drafts must be distinct, but row {row} repeats a token: "
+                    f"{drafts[row].tolist()}"
+                )
+
+
+def check_distribution(name: str, x: Tensor) -> None:
+    """Raise ValueError unless x is a [B, V] float32/float64 tensor of probability rows."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have shape [B, V], got {x.dim()} dims: {tuple(x.shape)}")
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"{name} must have B >= 1 rows and V >= 1 columns, got {tuple(x.shape)}")
+    if x.dtype not in SUM_TOLERANCE:
+        raise ValueError(f"{name} must be float32 or float64, got {x.dtype}; cast it with .float()")
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        b, v = (~finite).nonzero()[0].tolist()
+        raise ValueError(f"{name}[{b}, {v}] = {x[b, v].item()} is not finite")
+    if bool((x < 0).any()):
+        b, v = (x < 0).nonzero()[0].tolist()
+        raise ValueError(f"{name}[{b}, {v}] = {x[b, v].item():.6g} is negative; probabilities must be >= 0")
+    tol = SUM_TOLERANCE[x.dtype]
+    sums = x.sum(dim=-1, dtype=torch.float64)  # [B]
+    row = int(torch.argmax((sums - 1).abs()))
+    if abs(float(sums[row]) - 1) > tol:
+        raise ValueError(
+            f"row {row} of {name} sums to {float(sums[row]):.12g}, more than {tol:g} "
+            f"(the {x.dtype} tolerance) from 1"
+        )
+
+
+def check_drafts(drafts: Tensor, q: Tensor, require_positive_q: bool) -> None:
+    """Raise ValueError unless drafts is a LongTensor [B, k] of valid token ids for q."""
+    if not isinstance(drafts, Tensor):
+        raise ValueError(f"drafts must be a torch.Tensor, got {type(drafts).__name__}")
+    if drafts.dtype != torch.long:
+        raise ValueError(f"drafts must be a LongTensor (torch.int64), got {drafts.dtype}")
+    if drafts.dim() != 2 or drafts.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"drafts must have shape [B, k] with B = {q.shape[0]} rows like q, got {tuple(drafts.shape)}"
+        )
+    if drafts.device != q.device:
+        raise ValueError(f"drafts must be on q's device {q.device}, got {drafts.device}")
+    vocab = q.shape[1]
+    bad = (drafts < 0) | (drafts >= vocab)
+    if bool(bad.any()):
+        b, i = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"drafts[{b}, {i}] = {int(drafts[b, i])} is out of range for a vocabulary of "
+            f"V = {vocab} (ids must be in 0..{vocab - 1})"
+        )
+    if require_positive_q:
+        zero = q.gather(1, drafts) <= 0  # [B, k]
+        if bool(zero.any()):
+            b, i = zero.nonzero()[0].tolist()
+            raise ValueError(
+                f"drafts[{b}, {i}] = {int(drafts[b, i])} has q[{b}, {int(drafts[b, i])}] = 0: "
+                f"the draft model cannot propose it"
+            )
+
+
+# ---- sampling helpers shared by verifiers -----------------------------------------------
+
+
+def sample_from_weights(weights: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row [B] with probability proportional to the nonnegative ``weights`` [B, V].
+
+    Inverse-CDF sampling: one cumsum and one binary search per row.  A token of weight 0 is
+    never returned (its CDF step is flat), which keeps every verifier inside p's support.
+    Every row must have positive total weight.
+    """
+    cdf = weights.cumsum(dim=-1)  # [B, V]
+    total = cdf[:, -1:]  # [B, 1]
+    u = torch.rand(total.shape, generator=generator, device=weights.device, dtype=weights.dtype)
+    # Keep the target strictly below the total so rounding can never step past the last
+    # token of positive weight.
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+
+
+def sample_categorical(q: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """k i.i.d. tokens per row [B, k] from the probability rows q [B, V]."""
+    cdf = q.cumsum(dim=-1)  # [B, V]
+    total = cdf[:, -1:]
+    u = torch.rand((q.shape[0], k), generator=generator, device=q.device, dtype=q.dtype)
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)
+
+
+def first_match(drafts: Tensor, token: Tensor) -> Tensor:
+    """Index [B] of the first draft equal to ``token`` in each row, or -1 if none is."""
+    match = drafts == token.unsqueeze(1)  # [B, k]
+    first = match.to(torch.uint8).argmax(dim=1)  # argmax returns the first maximal index
+    return torch.where(match.any(dim=1), first, torch.full_like(first, -1))
+
+
+# ---- registry -----------------------------------------------------------------------------
+
+_REGISTRY: dict[str, Callable[..., Verifier]] = {}
+
+V = TypeVar("V", bound=type[Verifier])
+
+
+def register_verifier(name: str, *, replace: bool = False) -> Callable[[V], V]:
+    """Class decorator: make a Verifier subclass available as ``get_verifier(name)``."""
+
+    def decorate(cls: V) -> V:
+        if not (isinstance(cls, type) and issubclass(cls, Verifier)):
+            raise ValueError(f"register_verifier({name!r}) decorates Verifier subclasses, got {cls!r}")
+        if name in _REGISTRY and not replace:
+            raise ValueError(
+                f"a verifier named {name!r} is already registered ({_REGISTRY[name]!r}); "
+                f"pass replace=True to override it"
+            )
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def available_verifiers() -> list[str]:
+    """Names accepted by ``get_verifier``, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_verifier(name: str, **options) -> Verifier:
+    """A new instance of the verifier registered as ``name`` (options go to its constructor)."""
+    try:
+        cls = _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown verifier {name!r}; known verifiers: {', '.join(available_verifiers())}"
+        ) from None
+    return cls(**options)

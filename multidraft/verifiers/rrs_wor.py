@@ -1,0 +1,58 @@
+"""Recursive rejection sampling without replacement (Jeon et al. 2024).
+
+Drafts are k distinct tokens drawn one after another from q renormalized over the tokens not
+yet drawn.  Draft i is accepted with probability min(1, r_{i-1}(x_i) / q_{i-1}(x_i)), where
+q_{i-1} is q with x_1..x_{i-1} removed and renormalized, and on rejection
+r_i = normalize(max(r_{i-1} - q_{i-1}, 0)).  Because a rejected draft never comes back, the
+acceptance is higher than with replacement.  Shares the residual walk with rrs.py; the proof
+is in docs/verifiers/rrs-wor.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Verifier, register_verifier
+from .rrs import recursive_rejection_kernel, recursive_rejection_verify
+
+
+def sample_without_replacement(q, k, generator):
+    """k distinct tokens per row [B, k], drawn sequentially from q renormalized each time.
+
+    Exponential race: token v finishes at time E_v / q_v with E_v ~ Exp(1); the order of the
+    first k finishers is exactly a sequential draw without replacement (tokens with q = 0
+    never finish).
+    """
+    u = torch.rand(q.shape, generator=generator, device=q.device, dtype=q.dtype)  # [B, V]
+    finish = -torch.log1p(-u) / q  # [B, V], inf where q = 0
+    return torch.topk(finish, k, dim=-1, largest=False, sorted=True).indices
+
+
+def draft_probability_without_replacement(q, drafts):
+    """prod_i q(x_i) / (1 - q(x_1) - ... - q(x_{i-1})); 0 for a tuple with a repeat: [B]."""
+    qx = q.gather(1, drafts)  # [B, k]
+    remaining = q.sum(dim=-1, keepdim=True) - qx.cumsum(dim=1) + qx  # [B, k] mass before step i
+    steps = torch.where(remaining > 0, qx / remaining.clamp(min=torch.finfo(q.dtype).tiny), 0.0)
+    ordered = drafts.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)  # [B]
+    return torch.where(repeated, torch.zeros_like(qx[:, 0]), steps.prod(dim=1))
+
+
+@register_verifier("rrs-wor")
+class RecursiveRejectionWithoutReplacement(Verifier):
+    """Recursive rejection sampling over k distinct drafts."""
+
+    distinct_drafts = True
+    iid_drafts = False
+
+    def _draft(self, q, k, generator):
+        return sample_without_replacement(q, k, generator)
+
+    def _draft_probability(self, q, drafts):
+        return draft_probability_without_replacement(q, drafts)
+
+    def _kernel(self, p, q, drafts):
+        return recursive_rejection_kernel(p, q, drafts, without_replacement=True)
+
+    def _verify(self, p, q, drafts, generator):
+        return recursive_rejection_verify(p, q, drafts, True, generator)
