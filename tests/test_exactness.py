@@ -1,0 +1,88 @@
+"""Exact enumeration: every verifier's output law equals the target p (DESIGN.md, step 1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import multidraft as md
+from cases import CASES, exactness_cases, supported_ks
+from negative_control import ForgetfulRejection
+
+TOL = 1e-12
+
+
+@pytest.mark.parametrize("name,case,k", exactness_cases())
+def test_output_distribution_is_target(name, case, k):
+    p, q = CASES[case]
+    out = md.proofs.output_distribution(md.get_verifier(name), p, q, k)
+    torch.testing.assert_close(out, p, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("name,case,k", exactness_cases())
+def test_kernels_and_draft_law_are_distributions(name, case, k):
+    p, q = CASES[case]
+    tuples, prob, kernels = md.proofs.enumeration.tuple_kernels(md.get_verifier(name), p, q, k)
+    assert abs(float(prob.sum()) - 1) < TOL
+    assert bool((kernels >= 0).all())
+    torch.testing.assert_close(kernels.sum(dim=1), torch.ones(len(tuples), dtype=torch.float64), rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("name,case,k", exactness_cases())
+def test_acceptance_at_most_optimal(name, case, k):
+    p, q = CASES[case]
+    verifier = md.get_verifier(name)
+    rate = md.proofs.acceptance_rate(verifier, p, q, k)
+    assert rate <= md.proofs.optimal_acceptance_for_scheme(verifier, p, q, k) + 1e-10
+    if verifier.iid_drafts:
+        assert rate <= md.proofs.optimal_acceptance(p, q, k) + 1e-10
+
+
+@pytest.mark.parametrize("name", md.available_verifiers())
+def test_float32_kernel_matches_float64(name):
+    p, q = CASES["v6-dirichlet-a"]
+    verifier = md.get_verifier(name)
+    k = supported_ks(verifier, q)[-1]
+    tuples, _, kernels64 = md.proofs.enumeration.tuple_kernels(verifier, p, q, k)
+    n = len(tuples)
+    kernels32 = verifier.kernel(p.float().expand(n, -1), q.float().expand(n, -1), tuples)
+    assert kernels32.dtype == torch.float32
+    torch.testing.assert_close(kernels32.double(), kernels64, rtol=0, atol=1e-5)
+
+
+def test_negative_control_fails_enumeration():
+    p, q = CASES["v6-dirichlet-a"]
+    out = md.proofs.output_distribution(ForgetfulRejection(), p, q, 2)
+    assert (out - p).abs().max() > 1e-3
+    # ... while with one draft it is ordinary speculative sampling and exact.
+    torch.testing.assert_close(md.proofs.output_distribution(ForgetfulRejection(), p, q, 1), p, rtol=0, atol=TOL)
+
+
+@st.composite
+def random_case(draw):
+    vocab = draw(st.integers(2, 5))
+    weights = st.one_of(st.just(0.0), st.floats(0.01, 1.0))
+    p = draw(st.lists(weights, min_size=vocab, max_size=vocab).filter(lambda w: sum(w) > 0))
+    q = draw(st.lists(weights, min_size=vocab, max_size=vocab).filter(lambda w: sum(w) > 0))
+    k = draw(st.integers(1, 3))
+    p_t = torch.tensor(p, dtype=torch.float64)
+    q_t = torch.tensor(q, dtype=torch.float64)
+    return p_t / p_t.sum(), q_t / q_t.sum(), k
+
+
+@pytest.mark.parametrize("name", md.available_verifiers())
+@settings(max_examples=40, derandomize=True, deadline=None)
+@given(case=random_case())
+def test_random_cases_are_exact(name, case):
+    p, q, k = case
+    verifier = md.get_verifier(name)
+    if k not in supported_ks(verifier, q, max_k=3):
+        k = supported_ks(verifier, q, max_k=3)[0] if supported_ks(verifier, q, max_k=3) else None
+    if k is None:
+        return  # e.g. a scheme of distinct drafts with fewer than min_drafts tokens in q's support
+    out = md.proofs.output_distribution(verifier, p, q, k)
+    torch.testing.assert_close(out, p, rtol=0, atol=TOL)
+    rate = md.proofs.acceptance_rate(verifier, p, q, k)
+    assert -TOL <= rate <= md.proofs.optimal_acceptance_for_scheme(verifier, p, q, k) + 1e-10

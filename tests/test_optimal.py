@@ -1,0 +1,85 @@
+"""The optimal acceptance bound: fast formula against brute force and the general set optimum."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import multidraft as md
+from cases import CASES
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_fast_optimum_equals_brute_force(case, k):
+    p, q = CASES[case]
+    fast = md.proofs.optimal_acceptance(p, q, k)
+    assert isinstance(fast, float)
+    assert fast == pytest.approx(md.proofs.optimal_acceptance_bruteforce(p, q, k), abs=1e-12)
+    # The general optimum over the i.i.d. draft law agrees too (it enumerates tuples and sets).
+    if q.shape[0] ** k <= 4000:
+        general = md.proofs.optimal_acceptance_for_scheme(md.get_verifier("rrs"), p, q, k)
+        assert fast == pytest.approx(general, abs=1e-12)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_one_draft_optimum_is_one_minus_total_variation(case):
+    p, q = CASES[case]
+    tv = 0.5 * float((p - q).abs().sum())
+    assert md.proofs.optimal_acceptance(p, q, 1) == pytest.approx(1 - tv, abs=1e-12)
+    # and standard speculative sampling reaches it
+    assert md.proofs.acceptance_rate(md.get_verifier("single"), p, q, 1) == pytest.approx(1 - tv, abs=1e-12)
+
+
+def test_random_small_cases_against_brute_force():
+    g = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        vocab = int(torch.randint(2, 8, (1,), generator=g))
+        p = torch.rand(vocab, generator=g, dtype=torch.float64) * (torch.rand(vocab, generator=g) < 0.8)
+        q = torch.rand(vocab, generator=g, dtype=torch.float64) * (torch.rand(vocab, generator=g) < 0.8)
+        if p.sum() == 0 or q.sum() == 0:
+            continue
+        p, q = p / p.sum(), q / q.sum()
+        k = int(torch.randint(1, 7, (1,), generator=g))
+        assert md.proofs.optimal_acceptance(p, q, k) == pytest.approx(
+            md.proofs.optimal_acceptance_bruteforce(p, q, k), abs=1e-12
+        )
+
+
+def test_batched_and_large_vocabulary():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50_000, generator=g, dtype=torch.float64)
+    p = logits.softmax(-1)
+    q = (logits + 0.5 * torch.randn(4, 50_000, generator=g, dtype=torch.float64)).softmax(-1)
+    values = md.proofs.optimal_acceptance(p, q, 4)
+    assert values.shape == (4,)
+    for b in range(4):
+        assert float(values[b]) == pytest.approx(md.proofs.optimal_acceptance(p[b], q[b], 4), abs=1e-12)
+    tv = 0.5 * (p - q).abs().sum(-1)
+    one = md.proofs.optimal_acceptance(p, q, 1)
+    torch.testing.assert_close(one, 1 - tv)
+    # More i.i.d. drafts never hurt.
+    assert bool((md.proofs.optimal_acceptance(p, q, 8) >= values - 1e-12).all())
+
+
+def test_optimum_without_replacement_is_at_least_with_replacement():
+    for case, (p, q) in CASES.items():
+        support = int((q > 0).sum())
+        for k in range(1, min(3, support) + 1):
+            wor = md.proofs.optimal_acceptance(p, q, k, replacement=False)
+            assert wor >= md.proofs.optimal_acceptance(p, q, k) - 1e-12, case
+            # rrs-wor is an exact verifier with that draft law, so it is below the optimum
+            assert md.proofs.acceptance_rate(md.get_verifier("rrs-wor"), p, q, k) <= wor + 1e-12
+
+
+def test_bad_arguments():
+    p, q = CASES["v2-mild"]
+    with pytest.raises(ValueError, match="k must be an int >= 1, got 0"):
+        md.proofs.optimal_acceptance(p, q, 0)
+    with pytest.raises(ValueError, match="same shape"):
+        md.proofs.optimal_acceptance(p, torch.tensor([1.0]), 2)
+    big = torch.full((21,), 1 / 21, dtype=torch.float64)
+    with pytest.raises(ValueError, match="V = 21 is above the limit 20"):
+        md.proofs.optimal_acceptance(big, big, 2, replacement=False)
+    with pytest.raises(ValueError, match=r"V\*\*k = 6\*\*9 = 10077696 draft tuples; the limit is"):
+        md.proofs.output_distribution(md.get_verifier("rrs"), CASES["v6-dirichlet-a"][0], CASES["v6-dirichlet-a"][1], 9)
