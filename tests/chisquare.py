@@ -1,4 +1,4 @@
-"""A calibrated chi-square goodness-of-fit check shared by the statistical tests.
+"""The suite's plan for its chi-square tests (the test itself is md.proofs.checks.chi_square).
 
 Plan (fixed before any data is seen): the whole suite runs at most PLANNED_TESTS chi-square
 tests, each at level ALPHA = FAMILY_ALPHA / PLANNED_TESTS, so by the union bound the chance
@@ -7,14 +7,15 @@ so a run is also reproducible.  With N = 200_000 samples and ALPHA = 5e-9 the te
 above 0.99 against any deviation with N * sum((f - e)**2 / e) >= 90, e.g. a shift of about
 1% of probability mass between two tokens of probability 0.25.
 
-Cells whose expected count is below 5 are pooled; support is checked separately, because a
-chi-square cannot see a few samples on a token of probability 0.
+Support is checked separately, because a chi-square cannot see a few samples on a token of
+probability 0.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats as scipy_stats
+
+from multidraft.proofs.checks import chi_square
 
 FAMILY_ALPHA = 1e-6
 PLANNED_TESTS = 200
@@ -25,30 +26,9 @@ tests_run = 0
 
 
 def chi_square_pvalue(counts, expected_probs) -> float:
-    """p-value of observed ``counts`` against ``expected_probs`` (cells pooled below 5)."""
     global tests_run
     tests_run += 1
-    counts = np.asarray(counts, dtype=np.float64)
-    probs = np.asarray(expected_probs, dtype=np.float64)
-    n = counts.sum()
-    expected = probs * n
-    support = expected > 0
-    outside = counts[~support].sum()
-    if outside > 0:
-        return 0.0  # a sample where the law puts no mass: certainly not this law
-    counts, expected = counts[support], expected[support]
-    order = np.argsort(expected)
-    counts, expected = counts[order], expected[order]
-    # Pool the smallest cells until the pooled cell reaches 5 expected counts.
-    small = np.cumsum(expected) < 5
-    if small.any():
-        cut = int(small.sum()) + 1
-        counts = np.concatenate([[counts[:cut].sum()], counts[cut:]])
-        expected = np.concatenate([[expected[:cut].sum()], expected[cut:]])
-    if len(counts) < 2:
-        return 1.0  # a single cell: nothing to test beyond the support check above
-    statistic = float(((counts - expected) ** 2 / expected).sum())
-    return float(scipy_stats.chi2.sf(statistic, df=len(counts) - 1))
+    return chi_square(counts, expected_probs)[2]
 
 
 def assert_law(counts, expected_probs, what: str) -> None:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import multidraft as md
-from cases import CASES, exactness_cases, supported_ks
+from multidraft.proofs.cases import CASES, exactness_cases, supported_ks
 from negative_control import ForgetfulRejection
 
 TOL = 1e-12

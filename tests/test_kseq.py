@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import multidraft as md
-from cases import CASES
+from multidraft.proofs.cases import CASES
 from multidraft.verifiers.kseq import accept_mass, emitted_scale, solve_rho
 
 

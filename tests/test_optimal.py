@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import multidraft as md
-from cases import CASES
+from multidraft.proofs.cases import CASES
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import multidraft as md
-from cases import CASES, supported_ks
+from multidraft.proofs.cases import CASES, supported_ks
 from chisquare import ALPHA, SAMPLES, assert_law, chi_square_pvalue
+from multidraft.proofs.checks import check_exactness, sample_tokens
 from negative_control import ForgetfulRejection
 
 STAT_CASES = ["v4-onehot-q", "v5-zeros-both", "v6-dirichlet-sparse"]
@@ -31,11 +32,7 @@ def _tile(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _end_to_end_counts(verifier, p, q, k, seed):
-    g = torch.Generator().manual_seed(seed)
-    p_n, q_n = _tile(p, SAMPLES), _tile(q, SAMPLES)
-    drafts = verifier.draft(q_n, k, generator=g)
-    verdict = verifier.verify(p_n, q_n, drafts, generator=g)
-    return np.bincount(verdict.token.numpy(), minlength=p.shape[0]), drafts, verdict
+    return sample_tokens(verifier, p, q, k, SAMPLES, seed)
 
 
 @pytest.mark.parametrize("name,case,k", _plan())
@@ -100,3 +97,12 @@ def test_sampler_never_leaves_support_in_float32():
     w[:, 3] += 1e-30
     token = md.verifiers.base.sample_from_weights(w, generator=g)
     assert bool((w.gather(1, token.unsqueeze(1)) > 0).all())
+
+
+def test_check_exactness_passes_rrs_and_fails_the_negative_control():
+    good = check_exactness(md.get_verifier("rrs"), max_k=2, samples=20_000)
+    assert good.passed, [r for r in good.results if not r.passed]
+    bad = check_exactness(ForgetfulRejection(), max_k=2, samples=20_000)
+    assert not bad.passed
+    assert any(r.kind == "enumeration" and not r.passed for r in bad.results)
+    assert any(r.kind == "chi-square" and not r.passed for r in bad.results)

@@ -288,13 +288,36 @@ def register_verifier(name: str, *, replace: bool = False) -> Callable[[V], V]:
     return decorate
 
 
+PLUGIN_GROUP = "multidraft.verifiers"
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Register the verifiers other packages declare under the ``multidraft.verifiers`` entry
+    point group (``name = "package.module:VerifierClass"``), once per process."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=PLUGIN_GROUP):
+        if entry.name in _REGISTRY:
+            continue
+        loaded = entry.load()  # importing a module that uses @register_verifier registers it
+        if isinstance(loaded, type) and issubclass(loaded, Verifier) and entry.name not in _REGISTRY:
+            register_verifier(entry.name)(loaded)
+
+
 def available_verifiers() -> list[str]:
-    """Names accepted by ``get_verifier``, sorted."""
+    """Names accepted by ``get_verifier``, sorted (plug-ins included)."""
+    load_plugins()
     return sorted(_REGISTRY)
 
 
 def get_verifier(name: str, **options) -> Verifier:
     """A new instance of the verifier registered as ``name`` (options go to its constructor)."""
+    load_plugins()
     try:
         cls = _REGISTRY[name]
     except (KeyError, TypeError):

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from multidraft.cli import main
+from multidraft.verifiers import base
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_compare_writes_a_report(tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(["compare", "--vocab", "50", "--pairs", "64", "--ks", "1,2", "--out", str(out),
+                 "--verifiers", "rrs,rrs-wor,single", "--families", "dirichlet"])
+    assert code == 0
+    data = json.loads((out / "report.json").read_text())
+    rows = {(r["verifier"], r["k"]): r for r in data["rows"]}
+    assert rows[("single", 2)]["acceptance"] is None and "at most 1" in rows[("single", 2)]["note"]
+    for (name, k), row in rows.items():
+        if row["acceptance"] is not None and name != "rrs-wor":
+            assert row["acceptance"] <= row["optimal_iid"] + 3 * row["ci95"] + 1e-9
+    assert (out / "report.md").read_text().startswith("# multidraft acceptance comparison")
+    assert "| dirichlet | 2 | rrs |" in capsys.readouterr().out
+
+
+def test_unknown_verifier_is_a_clean_error(capsys):
+    assert main(["verify-exactness", "nope"]) == 2
+    assert "unknown verifier 'nope'; known verifiers:" in capsys.readouterr().err
+
+
+def test_verify_exactness_on_a_user_verifier(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    try:
+        code = main(["verify-exactness", "coin-flip-rrs", "--import", "custom_verifier",
+                     "--max-k", "2", "--samples", "20000"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "coin-flip-rrs: exact on all" in out
+    finally:
+        base._REGISTRY.pop("coin-flip-rrs", None)
+        sys.modules.pop("custom_verifier", None)
+
+
+def test_verify_exactness_rejects_a_wrong_verifier(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    import negative_control
+
+    base.register_verifier("test-forgetful")(type("F", (negative_control.ForgetfulRejection,), {}))
+    try:
+        assert main(["verify-exactness", "test-forgetful", "--max-k", "2", "--samples", "20000"]) == 1
+        assert "NOT EXACT" in capsys.readouterr().out
+    finally:
+        base._REGISTRY.pop("test-forgetful", None)
+
+
+def test_verifiers_listing(capsys):
+    assert main(["verifiers"]) == 0
+    assert "rrs-wor" in capsys.readouterr().out
