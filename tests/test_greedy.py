@@ -1,0 +1,37 @@
+"""greedy: exact (generic suite), optimal for its own draft law, and its input contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import multidraft as md
+from multidraft.proofs.cases import CASES, supported_ks
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_optimal_for_its_draft_law(case):
+    p, q = CASES[case]
+    greedy = md.get_verifier("greedy")
+    for k in supported_ks(greedy, q):
+        rate = md.proofs.acceptance_rate(greedy, p, q, k)
+        assert rate == pytest.approx(md.proofs.optimal_acceptance_for_scheme(greedy, p, q, k), abs=1e-12)
+
+
+def test_drafts_hold_the_top_tokens():
+    g = torch.Generator().manual_seed(0)
+    q = torch.rand(500, 40, generator=g, dtype=torch.float64)
+    q = q / q.sum(1, keepdim=True)
+    drafts = md.get_verifier("greedy").draft(q, 4, generator=g)
+    top = q.argsort(dim=1, descending=True)[:, :3]
+    assert torch.equal(drafts[:, :3], top)
+    assert not (drafts[:, 3:] == top).any()
+
+
+def test_wrong_hub_is_named():
+    p = torch.tensor([[0.2, 0.3, 0.5]], dtype=torch.float64)
+    q = torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"top 1 tokens of q, most likely first: row 0 has \[1, 2\], expected \[0\]"):
+        md.get_verifier("greedy").kernel(p, q, torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="greedy needs k >= 2 drafts, got k = 1"):
+        md.get_verifier("greedy").draft(q, 1)
