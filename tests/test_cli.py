@@ -4,7 +4,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 
 from multidraft.cli import main
 from multidraft.verifiers import base
@@ -20,7 +19,7 @@ def test_compare_writes_a_report(tmp_path, capsys):
     data = json.loads((out / "report.json").read_text())
     rows = {(r["verifier"], r["k"]): r for r in data["rows"]}
     assert rows[("single", 2)]["acceptance"] is None and "at most 1" in rows[("single", 2)]["note"]
-    for (name, k), row in rows.items():
+    for (name, _k), row in rows.items():
         if row["acceptance"] is not None and name != "rrs-wor":
             assert row["acceptance"] <= row["optimal_iid"] + 3 * row["ci95"] + 1e-9
     assert (out / "report.md").read_text().startswith("# multidraft acceptance comparison")
