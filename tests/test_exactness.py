@@ -86,3 +86,15 @@ def test_random_cases_are_exact(name, case):
     torch.testing.assert_close(out, p, rtol=0, atol=TOL)
     rate = md.proofs.acceptance_rate(verifier, p, q, k)
     assert -TOL <= rate <= md.proofs.optimal_acceptance_for_scheme(verifier, p, q, k) + 1e-10
+
+
+@pytest.mark.parametrize(
+    "name,case,k",
+    [c for c in exactness_cases() if md.get_verifier(c[0]).exact_acceptance],
+)
+def test_closed_form_acceptance_matches_enumeration(name, case, k):
+    p, q = CASES[case]
+    verifier = md.get_verifier(name)
+    closed = verifier.expected_acceptance(p.unsqueeze(0), q.unsqueeze(0), k)
+    assert closed.shape == (1,)
+    assert float(closed) == pytest.approx(md.proofs.acceptance_rate(verifier, p, q, k), abs=1e-10)

@@ -57,6 +57,8 @@ class Verifier:
     distinct_drafts: ClassVar[bool] = False  # True: draft() never repeats a token in a row
     iid_drafts: ClassVar[bool] = True  # True: draft() is k i.i.d. samples from q
 
+    exact_acceptance: ClassVar[bool] = False  # True: expected_acceptance() has a closed form
+
     _default_validate_args: ClassVar[bool] = True
 
     def __init__(self, validate_args: bool | None = None):
@@ -112,7 +114,24 @@ class Verifier:
             self.check_inputs(p, q, drafts)
         return self._verify(p, q, drafts, generator)
 
+    def expected_acceptance(self, p: Tensor, q: Tensor, k: int) -> Tensor:
+        """Exact probability [B] that the emitted token is a draft, averaged over this
+        verifier's own drafts.  Only for verifiers with ``exact_acceptance = True``; reports
+        estimate the others by sampling."""
+        if not self.exact_acceptance:
+            raise NotImplementedError(f"{self.name} has no closed-form acceptance; estimate it by sampling")
+        if self.validate_args:
+            check_distribution("p", p)
+            check_distribution("q", q)
+            if p.shape != q.shape:
+                raise ValueError(f"p and q must have the same shape [B, V], got {tuple(p.shape)} and {tuple(q.shape)}")
+            self.check_num_drafts(k, q)
+        return self._expected_acceptance(p, q, k)
+
     # ---- what subclasses implement ----------------------------------------------------
+
+    def _expected_acceptance(self, p: Tensor, q: Tensor, k: int) -> Tensor:
+        raise NotImplementedError
 
     def _draft(self, q: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
         raise NotImplementedError

@@ -61,6 +61,13 @@ class GreedyHub(Verifier):
     min_drafts = 2
     distinct_drafts = True
     iid_drafts = False
+    exact_acceptance = True
+
+    def _expected_acceptance(self, p, q, k):
+        hub, w, keep, theta, _, _ = greedy_plan(p, q, k)
+        served = (w * keep).masked_fill(hub, 0).sum(dim=-1)  # [B]
+        spare = (w * (1 - keep)).masked_fill(hub, 0).sum(dim=-1)
+        return served + theta.squeeze(1) * spare
 
     def check_inputs(self, p, q, drafts):
         super().check_inputs(p, q, drafts)

@@ -67,6 +67,11 @@ class KSequential(Verifier):
     """SpecTr's K-SEQ: sequential tests against p / rho over k i.i.d. drafts."""
 
     iid_drafts = True
+    exact_acceptance = True
+
+    def _expected_acceptance(self, p, q, k):
+        beta = accept_mass(p, q, solve_rho(p, q, k))
+        return 1 - (1 - beta.squeeze(1)) ** k
 
     def _draft(self, q, k, generator):
         return sample_categorical(q, k, generator)

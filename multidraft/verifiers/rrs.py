@@ -93,9 +93,19 @@ class RecursiveRejection(Verifier):
     """Recursive rejection sampling over k i.i.d. drafts (SpecInfer)."""
 
     iid_drafts = True
+    exact_acceptance = True
 
     def _draft(self, q, k, generator):
         return sample_categorical(q, k, generator)  # [B, k]
+
+    def _expected_acceptance(self, p, q, k):
+        # Averaged over i.i.d. drafts, all k are rejected with probability m_k (docs/verifiers/rrs.md).
+        c = torch.zeros_like(p[:, :1])
+        m = p.sum(dim=-1, keepdim=True)
+        for _ in range(k):
+            c = c + m
+            m = unnormalized_residual(p, q, c).sum(dim=-1, keepdim=True)
+        return 1 - m.squeeze(1)
 
     def _draft_probability(self, q, drafts):
         return q.gather(1, drafts).prod(dim=1)  # [B]
