@@ -16,7 +16,7 @@ def cmd_compare(args) -> int:
     from .reports import CompareConfig, markdown_table, run_compare, write_report
 
     config = CompareConfig(out_dir=args.out)
-    for key in ("verifiers", "families", "ks", "vocab", "pairs", "seed"):
+    for key in ("verifiers", "families", "ks", "temperatures", "vocab", "pairs", "seed"):
         value = getattr(args, key)
         if value is not None:
             setattr(config, key, value)
@@ -65,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="acceptance of every verifier against the optimum (default)")
     compare.add_argument("--verifiers", type=_csv(str), help="comma-separated names (default: all)")
     compare.add_argument("--families", type=_csv(str), help="comma-separated synthetic families")
-    compare.add_argument("--ks", type=_csv(int), help="comma-separated draft counts (default 1,2,3,4)")
+    compare.add_argument("--ks", type=_csv(int), help="comma-separated draft counts (default 1,2,3,4,6,8)")
+    compare.add_argument("--temperatures", type=_csv(float), help="comma-separated sampling temperatures (default 0.6,1.0)")
     compare.add_argument("--vocab", type=int, help="vocabulary size V (default 1000)")
-    compare.add_argument("--pairs", type=int, help="(p, q) pairs per family (default 2000)")
+    compare.add_argument("--pairs", type=int, help="(p, q) pairs per family and temperature (default 1000)")
     compare.add_argument("--seed", type=int)
     compare.add_argument("--out", default="multidraft-report", help="report directory")
     compare.set_defaults(run=cmd_compare)

@@ -13,7 +13,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 def test_compare_writes_a_report(tmp_path, capsys):
     out = tmp_path / "report"
-    code = main(["compare", "--vocab", "50", "--pairs", "64", "--ks", "1,2", "--out", str(out),
+    code = main(["compare", "--vocab", "50", "--pairs", "64", "--ks", "1,2", "--temperatures", "1.0", "--out", str(out),
                  "--verifiers", "rrs,rrs-wor,single", "--families", "dirichlet"])
     assert code == 0
     data = json.loads((out / "report.json").read_text())
@@ -23,7 +23,7 @@ def test_compare_writes_a_report(tmp_path, capsys):
         if row["acceptance"] is not None and name != "rrs-wor":
             assert row["acceptance"] <= row["optimal_iid"] + 3 * row["ci95"] + 1e-9
     assert (out / "report.md").read_text().startswith("# multidraft acceptance comparison")
-    assert "| dirichlet | 2 | rrs |" in capsys.readouterr().out
+    assert "| dirichlet | 1 | 2 | rrs | " in capsys.readouterr().out
 
 
 def test_unknown_verifier_is_a_clean_error(capsys):
