@@ -35,3 +35,14 @@ def test_wrong_hub_is_named():
         md.get_verifier("greedy").kernel(p, q, torch.tensor([[1, 2]]))
     with pytest.raises(ValueError, match="greedy needs k >= 2 drafts, got k = 1"):
         md.get_verifier("greedy").draft(q, 1)
+
+
+def test_two_drafts_accept_as_often_as_spechub():
+    # Same unordered draft law (the hub plus one token from q without it), both optimal for it.
+    greedy, spechub = md.get_verifier("greedy"), md.get_verifier("spechub")
+    for case, (p, q) in CASES.items():
+        if int((q > 0).sum()) < 2:
+            continue
+        assert md.proofs.acceptance_rate(greedy, p, q, 2) == pytest.approx(
+            md.proofs.acceptance_rate(spechub, p, q, 2), abs=1e-12
+        ), case
