@@ -41,15 +41,17 @@ def test_acceptance_at_most_optimal(name, case, k):
 
 
 @pytest.mark.parametrize("name", md.available_verifiers())
-def test_float32_kernel_matches_float64(name):
+def test_float32_is_exact_to_float32_rounding(name):
+    # Compare output laws, not kernels: an LP verifier (otm) may pick another optimal plan for
+    # the rounded rows, and both plans are exact.
     p, q = CASES["v6-dirichlet-a"]
     verifier = md.get_verifier(name)
     k = supported_ks(verifier, q)[-1]
-    tuples, _, kernels64 = md.proofs.enumeration.tuple_kernels(verifier, p, q, k)
+    tuples, prob = md.proofs.enumeration.draft_law(verifier, q, k)
     n = len(tuples)
     kernels32 = verifier.kernel(p.float().expand(n, -1), q.float().expand(n, -1), tuples)
     assert kernels32.dtype == torch.float32
-    torch.testing.assert_close(kernels32.double(), kernels64, rtol=0, atol=1e-5)
+    torch.testing.assert_close(prob @ kernels32.double(), p, rtol=0, atol=1e-5)
 
 
 def test_negative_control_fails_enumeration():
