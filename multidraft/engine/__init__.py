@@ -1,0 +1,26 @@
+"""Token-tree speculative decoding engine: real models, any verifier by name, exact in distribution.
+
+    from multidraft.engine import Engine
+    out = Engine(target, draft, verifier="rrs", num_drafts=2, depth=3).generate(prompt_ids, max_new_tokens=16)
+
+Pipeline and exactness argument: docs/engine.md.
+"""
+
+from .cache import KVCache
+from .engine import Engine, GenerationOutput, GenerationStats
+from .gpt import GPT, GPTConfig
+from .models import CausalLM, TableModel
+from .sampling import SamplingConfig, logits_to_probs
+
+__all__ = [
+    "Engine",
+    "GenerationOutput",
+    "GenerationStats",
+    "KVCache",
+    "GPT",
+    "GPTConfig",
+    "CausalLM",
+    "TableModel",
+    "SamplingConfig",
+    "logits_to_probs",
+]

@@ -1,0 +1,415 @@
+"""Token-tree speculative decoding with any multidraft verifier, exact in distribution.
+
+Who is who: p is always the *target* (the large model whose law the output must follow), q the
+*draft* (the small model that proposes tokens).  Both are probability rows after the same
+sampling transform (sampling.py).
+
+One round, in pipeline order (each step a free function below):
+
+    1. draft_tree      the draft model extends k sequences by D tokens, level by level
+                       (D forwards: the pending tokens, then depths 1 .. D-1); the first level
+                       uses the verifier's own draft scheme, deeper ones sample each sequence's
+                       next token from q at its node (check_deep_tree_support says
+                       which verifiers are exact there)
+    2. score_tree      one target forward over the pending tokens and all tree slots
+    3. walk_tree       top-down: at each node the verifier picks among the drafts of the
+                       sequences passing through it; a draft emitted -> move to that child,
+                       else stop; after the last accepted node one more token (the verifier's
+                       residual, or p at a leaf)
+    4. commit_round    both caches keep the accepted path, drop the rest; tokens are appended
+
+Why the walk is exact, and what it assumes: docs/engine.md.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..verifiers import Verifier, get_verifier
+from ..verifiers.base import Verdict, first_match, sample_categorical, sample_from_weights
+from .cache import KVCache
+from .models import _check_vocab
+from .sampling import SamplingConfig, logits_to_probs
+from .tree import attention_mask, pending_rows, pending_tokens, prefix_groups, tree_positions, tree_rows
+
+__all__ = ["Engine", "GenerationOutput", "GenerationStats"]
+
+
+@dataclass
+class GenerationStats:
+    rounds: int = 0  # speculation rounds (= target forward passes)
+    target_passes: int = 0
+    draft_passes: int = 0
+    new_tokens: int = 0  # tokens returned, summed over requests
+    block_efficiency: float = 0.0  # tokens emitted per request per target pass (accepted + 1)
+    reached_by_depth: list[int] = field(default_factory=list)  # walks that reached depth d's drafts
+    accepted_by_depth: list[int] = field(default_factory=list)  # ... and accepted one of them
+    acceptance_by_depth: list[float] = field(default_factory=list)  # accepted / reached per depth
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+
+
+@dataclass
+class GenerationOutput:
+    tokens: Tensor  # [B, n] new tokens, padded with -1 after a request's length
+    lengths: Tensor  # [B] new tokens per request (< n only when eos_token_id stopped it)
+    stats: GenerationStats
+
+
+class _GreedyMatch(Verifier):
+    """Temperature 0: p is one-hot at the target's argmax, so every exact verifier emits exactly
+    that token; this computes it directly (and lets distinct-draft schemes, which cannot draw k
+    different tokens from a one-hot q, run greedy)."""
+
+    name = "greedy-match"
+
+    def _verify(self, p, q, drafts, generator):
+        token = p.argmax(dim=-1)  # [B]
+        return Verdict(token, first_match(drafts, token))
+
+
+# ---- 1. draft ------------------------------------------------------------------------------
+
+
+def model_forward(model, cache: KVCache, ids: Tensor, pos: Tensor, rows: Tensor) -> Tensor:
+    """One forward of T new tokens [B, T]; rows [B, T, used + T] is the round-local mask."""
+    logits = model(ids, pos, attention_mask(rows, cache), cache)  # [B, T, V]
+    cache.advance(ids.shape[1])
+    return logits
+
+
+def draft_tree(draft, cache, seq, seq_len, verifier, k, depth, sampling, generator):
+    """Draft k sequences of ``depth`` tokens per request.
+
+    Returns x [B, k, D] (the tokens), q_levels [B, D, k, V] (draft probs at the node of each
+    slot: level 0 is the root, stored in slot 0; level l >= 1 the nodes at depth l), and the
+    draft's pending block (valid [B, P], count [B]) for the commit.
+    """
+    ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)  # [B, P]
+    logits = model_forward(draft, cache, ids, pos, pending_rows(valid))  # [B, P, V]
+    last = (count - 1).view(-1, 1, 1).expand(-1, 1, logits.shape[-1])
+    q_root = logits_to_probs(logits.gather(1, last).squeeze(1), sampling)  # [B, V]
+    # First level: the verifier's own scheme (k i.i.d. draws from q for i.i.d. verifiers).
+    first = sample_categorical(q_root, k, generator) if sampling.greedy else verifier.draft(q_root, k, generator)
+    x = [first]  # D tensors [B, k]
+    q_levels = [q_root.unsqueeze(1).expand(-1, k, -1)]  # D tensors [B, k, V]
+    for level in range(1, depth):
+        canon = prefix_groups(torch.stack(x, dim=2))  # [B, level, k]
+        rows = tree_rows(valid, canon)[:, (level - 1) * k :]  # [B, k, P + level*k]
+        pos = tree_positions(seq_len, canon)[:, (level - 1) * k :]  # [B, k]
+        logits = model_forward(draft, cache, x[-1], pos, rows)  # [B, k, V]
+        q_nodes = logits_to_probs(logits, sampling)  # [B, k, V] (duplicates: unused)
+        # Every sequence samples its next token from q at its node (the group's first slot).
+        node = canon[:, -1].unsqueeze(-1).expand_as(q_nodes)  # [B, k, V]
+        q_seq = q_nodes.gather(1, node)  # [B, k, V]
+        x.append(sample_categorical(q_seq.reshape(-1, q_seq.shape[-1]), 1, generator).view(-1, k))
+        q_levels.append(q_seq)
+    return torch.stack(x, dim=2), torch.stack(q_levels, dim=1), valid, count
+
+
+# ---- 2. score ------------------------------------------------------------------------------
+
+
+def score_tree(target, cache, seq, seq_len, x, sampling):
+    """One target forward over the pending tokens and every tree slot.
+
+    Returns p_levels [B, D+1, k, V] (target probs after the root (level 0, slot 0) and after
+    each node at depth l (level l, slot i)), canon [B, D, k], and the pending block.
+    """
+    bsz, k, depth = x.shape
+    ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)  # [B, P]
+    canon = prefix_groups(x)  # [B, D, k]
+    width = valid.shape[1] + depth * k
+    top = torch.cat([pending_rows(valid), torch.zeros(bsz, valid.shape[1], depth * k, dtype=torch.bool, device=x.device)], dim=2)
+    rows = torch.cat([top, tree_rows(valid, canon)], dim=1)  # [B, P + D*k, P + D*k]
+    assert rows.shape[1:] == (width, width)
+    tree_ids = x.transpose(1, 2).reshape(bsz, depth * k)  # [B, D*k] level-major, as the slots
+    logits = model_forward(target, cache, torch.cat([ids, tree_ids], 1), torch.cat([pos, tree_positions(seq_len, canon)], 1), rows)
+    vocab = logits.shape[-1]
+    last = (count - 1).view(-1, 1, 1).expand(-1, 1, vocab)
+    p_root = logits_to_probs(logits.gather(1, last).squeeze(1), sampling)  # [B, V]
+    p_tree = logits_to_probs(logits[:, valid.shape[1] :].reshape(bsz, depth, k, vocab), sampling)
+    p_levels = torch.cat([p_root.view(bsz, 1, 1, vocab).expand(-1, 1, k, -1), p_tree], dim=1)
+    return p_levels, canon, valid, count
+
+
+# ---- 3. verify -----------------------------------------------------------------------------
+
+
+def walk_tree(verifier, p_levels, q_levels, x, canon, active, generator, stats_reached, stats_accepted):
+    """Walk each active request's tree from the root; return (emitted [B, D+1], accepted [B],
+    path [B, D]): the first accepted[b] + 1 entries of emitted[b] are the round's new tokens,
+    path[b, l] the slot of the accepted node at depth l + 1.
+
+    At depth l the drafts are the level-l tokens of the sequences still alive (those whose
+    tokens equal every emitted token so far), m of them, in sequence order.  Rows with the
+    same m share one verifier call.
+    """
+    bsz, k, depth = x.shape
+    device = x.device
+    alive = torch.ones(bsz, k, dtype=torch.bool, device=device)  # sequences through the node
+    node = torch.zeros(bsz, dtype=torch.long, device=device)  # current node's slot at its level
+    walking = active.clone()
+    accepted = torch.zeros(bsz, dtype=torch.long, device=device)
+    emitted = torch.zeros(bsz, depth + 1, dtype=torch.long, device=device)
+    path = torch.zeros(bsz, depth, dtype=torch.long, device=device)
+    for level in range(depth):
+        rows = walking.nonzero().squeeze(1)  # [n]
+        if rows.numel() == 0:
+            break
+        p = p_levels[rows, level, node[rows]]  # [n, V] target at the node
+        q = q_levels[rows, level, node[rows]]  # [n, V] draft at the node
+        if p.dtype != q.dtype:  # one model in float64, one not: meet at float32
+            p, q = p.float(), q.float()
+        live = alive[rows]  # [n, k]
+        tokens = x[rows, :, level]  # [n, k]
+        # Alive sequences first, each group in sequence order (a stable sort).
+        order = torch.sort((~live).to(torch.uint8), dim=1, stable=True).indices
+        drafts = tokens.gather(1, order)  # [n, k]
+        m = live.sum(dim=1)  # [n]
+        token = torch.empty_like(m)
+        for count in torch.unique(m).tolist():
+            sel = (m == count).nonzero().squeeze(1)
+            token[sel] = verifier.verify(p[sel], q[sel], drafts[sel, :count].contiguous(), generator).token
+        follow = live & (tokens == token.unsqueeze(1))  # [n, k] sequences through the child
+        hit = follow.any(dim=1)  # [n] the emitted token has a child in the tree
+        # The child is the node of any following sequence; all of them share it (its canon).
+        first = torch.where(follow, torch.arange(k, device=device), k).amin(dim=1, keepdim=True).clamp(max=k - 1)
+        child = canon[rows, level].gather(1, first).squeeze(1)  # [n]
+        emitted[rows, level] = token
+        alive[rows] = follow
+        node[rows] = torch.where(hit, child, node[rows])
+        path[rows, level] = child
+        accepted[rows] += hit.long()
+        walking[rows] = hit
+        stats_reached[level] += rows.numel()
+        stats_accepted[level] += int(hit.sum())
+    rows = walking.nonzero().squeeze(1)
+    if rows.numel():
+        # Every draft accepted: the bonus token comes from p after the leaf.
+        emitted[rows, depth] = sample_from_weights(p_levels[rows, depth, node[rows]], generator)
+    return emitted, accepted, path
+
+
+# ---- 4. commit -----------------------------------------------------------------------------
+
+
+def commit_round(cache, pending_count, pending_width, path, accepted, levels_cached, k, active):
+    """Keep the pending tokens and the accepted nodes a model has K/V for; drop the rest.
+
+    levels_cached: how many tree depths this model ran (D for the target, D - 1 for the draft).
+    Requests that are done keep nothing: their pending tokens are fed again, unchanged.
+    """
+    kept_path = accepted.clamp(max=levels_cached)  # [B]
+    width = pending_width + levels_cached
+    col = torch.arange(width, device=path.device).unsqueeze(0)  # [1, W]
+    rel = col - pending_count.unsqueeze(1)  # [B, W] index into the path, < 0 inside the pending block
+    if levels_cached > 0:
+        level = rel.clamp(0, levels_cached - 1)
+        node_offset = pending_width + level * k + path.gather(1, level)  # [B, W]
+        keep = torch.where(rel < 0, col.expand_as(rel), node_offset)
+    else:
+        keep = col.expand_as(rel)
+    num_keep = torch.where(active, pending_count + kept_path, torch.zeros_like(kept_path))
+    cache.commit(keep, num_keep)
+
+
+def append_tokens(seq, seq_len, emitted, accepted, active):
+    """Write the round's accepted[b] + 1 tokens after seq_len[b] (active requests only)."""
+    bsz, width = emitted.shape
+    j = torch.arange(width, device=seq.device).unsqueeze(0)  # [1, D+1]
+    valid = active.unsqueeze(1) & (j <= accepted.unsqueeze(1))  # [B, D+1]
+    trash = seq.shape[1] - 1  # a spare last column absorbs the writes we do not want
+    index = torch.where(valid, seq_len.unsqueeze(1) + j, torch.full_like(j.expand(bsz, -1), trash))
+    seq.scatter_(1, index, torch.where(valid, emitted, seq.gather(1, index)))
+    seq_len += torch.where(active, accepted + 1, torch.zeros_like(accepted))
+    return valid
+
+
+# ---- the engine ----------------------------------------------------------------------------
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def prepare_prompts(prompt_ids, vocab: int, device) -> tuple[Tensor, Tensor]:
+    """Prompts -> (ids [B, Tmax] right-padded with 0, lengths [B]).  Accepts a LongTensor [B, T],
+    a LongTensor [T] (one request), or a list of lists of ints (ragged)."""
+    if isinstance(prompt_ids, Tensor):
+        if prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool or prompt_ids.is_complex():
+            raise ValueError(f"prompt_ids must hold integer token ids, got dtype {prompt_ids.dtype}")
+        if prompt_ids.dim() == 1:
+            prompt_ids = prompt_ids.unsqueeze(0)
+        if prompt_ids.dim() != 2:
+            raise ValueError(f"prompt_ids must be [B, T] or [T], got shape {tuple(prompt_ids.shape)}")
+        if prompt_ids.shape[0] == 0:
+            raise ValueError("prompt_ids is empty: need at least one request")
+        if prompt_ids.shape[1] == 0:
+            raise ValueError("prompts are empty (T = 0): every request needs at least one token to condition on")
+        ids = prompt_ids.to(device=device, dtype=torch.long)
+        lens = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=device)
+    else:
+        try:
+            rows = [[int(t) for t in r] for r in prompt_ids]
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"prompt_ids must be a LongTensor or a list of lists of ints: {err}") from None
+        if not rows:
+            raise ValueError("prompt_ids is empty: need at least one request")
+        lengths = [len(r) for r in rows]
+        for b, n in enumerate(lengths):
+            if n == 0:
+                raise ValueError(f"prompt {b} is empty: every request needs at least one token to condition on")
+        width = max(lengths)
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+        lens = torch.tensor(lengths, dtype=torch.long, device=device)
+    bad = ((ids < 0) | (ids >= vocab)) & (torch.arange(ids.shape[1], device=device) < lens.unsqueeze(1))
+    if bool(bad.any()):
+        b, t = bad.nonzero()[0].tolist()
+        raise ValueError(f"prompt {b} token {t} has id {int(ids[b, t])}, out of range for V = {vocab} (ids must be in 0..{vocab - 1})")
+    return ids, lens
+
+
+def one_draft_is_a_plain_draw(verifier: Verifier) -> bool:
+    """True when the verifier's scheme with k = 1 draws one token from q: probed on a random q."""
+    if verifier.min_drafts > 1:
+        return False
+    q = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0]], dtype=torch.float64)
+    tuples = torch.arange(5).view(5, 1)
+    probs = verifier.draft_probability(q.expand(5, -1), tuples)  # [5]
+    return bool(torch.allclose(probs, q[0], atol=1e-12))
+
+
+def check_deep_tree_support(verifier: Verifier, depth: int) -> None:
+    """Below the root a node's drafts are its survivors' next tokens: m i.i.d. draws from q at
+    the node (docs/engine.md).  The verifier must be exact for that, for every m that can occur:
+    i.i.d. schemes are, for any m >= min_drafts; distinct-token schemes leave exactly one survivor
+    per child (the root's drafts differ), so m = 1 and their one-draft scheme must be a plain
+    draw from q.  Anything else raises."""
+    if verifier.iid_drafts:
+        if verifier.min_drafts > 1:
+            raise ValueError(
+                f"verifier {verifier.name!r} needs >= {verifier.min_drafts} drafts at every node, but below the "
+                f"root a node can have a single survivor; use depth = 1 (got depth = {depth})"
+            )
+        return
+    if verifier.distinct_drafts and one_draft_is_a_plain_draw(verifier):
+        return
+    raise ValueError(
+        f"verifier {verifier.name!r} drafts by its own non-i.i.d. scheme, which this engine supports only at "
+        f"depth = 1 (got depth = {depth}): below the root a node's drafts are its surviving sequences' next "
+        f"tokens, i.i.d. draws from q, and this verifier is not exact for those"
+    )
+
+
+class Engine:
+    """Token-tree speculative decoding: ``Engine(target, draft, verifier="rrs", num_drafts=2, depth=3)``.
+
+    Each round drafts ``num_drafts`` sequences of ``depth`` tokens (a tree of shared prefixes),
+    scores the whole tree in one target pass and emits between 1 and depth + 1 tokens per
+    request, distributed exactly as sampling from the target would.
+    """
+
+    def __init__(self, target, draft, verifier: str | Verifier = "rrs", num_drafts: int = 2,
+                 depth: int = 3, device: str | torch.device | None = None, **verifier_options):
+        v_target, v_draft = _check_vocab("target", target), _check_vocab("draft", draft)
+        if v_target != v_draft:
+            raise ValueError(f"target and draft must share a vocabulary, got V = {v_target} (target) and V = {v_draft} (draft)")
+        for name, value in [("num_drafts", num_drafts), ("depth", depth)]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.verifier = get_verifier(verifier, **verifier_options) if isinstance(verifier, str) else verifier
+        if not isinstance(self.verifier, Verifier):
+            raise ValueError(f"verifier must be a registered name or a Verifier, got {verifier!r}")
+        v = self.verifier
+        if num_drafts < v.min_drafts or (v.max_drafts is not None and num_drafts > v.max_drafts):
+            limit = f"{v.min_drafts}..{v.max_drafts}" if v.max_drafts is not None else f">= {v.min_drafts}"
+            raise ValueError(f"verifier {v.name!r} takes num_drafts in {limit}, got {num_drafts}")
+        if depth > 1:
+            check_deep_tree_support(v, depth)
+        self.vocab_size = v_target
+        self.num_drafts, self.depth = num_drafts, depth
+        self.device = torch.device(device if device is not None else default_device())
+        self.target, self.draft = target, draft
+        for model in (target, draft):
+            if isinstance(model, torch.nn.Module):
+                model.to(self.device).eval()
+
+    def __repr__(self) -> str:
+        return f"Engine(verifier={self.verifier.name!r}, num_drafts={self.num_drafts}, depth={self.depth}, device={str(self.device)!r})"
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, eos_token_id: int | None = None) -> GenerationOutput:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if eos_token_id is not None and not (0 <= eos_token_id < self.vocab_size):
+            raise ValueError(f"eos_token_id = {eos_token_id} is out of range for V = {self.vocab_size}")
+        sampling = SamplingConfig(temperature, top_k, top_p)
+        device, k, depth, n = self.device, self.num_drafts, self.depth, max_new_tokens
+        prompts, prompt_len = prepare_prompts(prompt_ids, self.vocab_size, device)  # [B, T], [B]
+        bsz = prompts.shape[0]
+        stats = GenerationStats(reached_by_depth=[0] * depth, accepted_by_depth=[0] * depth)
+        if n == 0:
+            return GenerationOutput(torch.zeros(bsz, 0, dtype=torch.long, device=device), torch.zeros(bsz, dtype=torch.long, device=device), stats)
+        started = time.perf_counter()
+        generator = torch.Generator(device=device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        verifier = _GreedyMatch(validate_args=False) if sampling.greedy else self.verifier
+
+        # Explicit cache setup.  A request below n tokens adds at most depth + 1, so sequences
+        # stay within Tmax + n + depth; a forward also needs room for the pending tokens (<= 2
+        # after the first round) and the depth * k tree slots.
+        t_max = prompts.shape[1]
+        max_len = t_max + n + depth + 2 + depth * k
+        target_cache = self.target.new_cache(bsz, max_len, device)
+        draft_cache = self.draft.new_cache(bsz, max_len, device)
+        seq = torch.zeros(bsz, t_max + n + depth + 2, dtype=torch.long, device=device)  # last column: trash
+        seq[:, :t_max] = prompts
+        seq_len = prompt_len.clone()  # [B]
+        done = torch.zeros(bsz, dtype=torch.bool, device=device)
+        emitted_total = active_rounds = 0
+
+        while not bool(done.all()):
+            active = ~done
+            x, q_levels, d_valid, d_count = draft_tree(self.draft, draft_cache, seq, seq_len, verifier, k, depth, sampling, generator)
+            p_levels, canon, t_valid, t_count = score_tree(self.target, target_cache, seq, seq_len, x, sampling)
+            emitted, accepted, path = walk_tree(verifier, p_levels, q_levels, x, canon, active, generator,
+                                                stats.reached_by_depth, stats.accepted_by_depth)
+            commit_round(target_cache, t_count, t_valid.shape[1], path, accepted, depth, k, active)
+            commit_round(draft_cache, d_count, d_valid.shape[1], path, accepted, depth - 1, k, active)
+            generated_before = seq_len - prompt_len
+            new = append_tokens(seq, seq_len, emitted, accepted, active)  # [B, D+1]
+            if eos_token_id is not None:
+                within = generated_before.unsqueeze(1) + torch.arange(depth + 1, device=device) < n
+                done |= (new & within & (emitted == eos_token_id)).any(dim=1)
+            done |= seq_len - prompt_len >= n
+            stats.rounds += 1
+            stats.target_passes += 1
+            stats.draft_passes += depth
+            emitted_total += int((accepted + 1)[active].sum())
+            active_rounds += int(active.sum())
+
+        # The first n new tokens of each request; cut after an eos.
+        j = torch.arange(n, device=device).unsqueeze(0)  # [1, n]
+        tokens = seq.gather(1, (prompt_len.unsqueeze(1) + j).clamp(max=seq.shape[1] - 1))  # [B, n]
+        lengths = torch.full((bsz,), n, dtype=torch.long, device=device)
+        if eos_token_id is not None:
+            is_eos = tokens == eos_token_id
+            first = torch.where(is_eos.any(1), is_eos.to(torch.uint8).argmax(1) + 1, lengths)
+            lengths = torch.minimum(lengths, first)
+        tokens = torch.where(j < lengths.unsqueeze(1), tokens, torch.full_like(tokens, -1))
+
+        stats.seconds = time.perf_counter() - started
+        stats.new_tokens = int(lengths.sum())
+        stats.block_efficiency = emitted_total / max(active_rounds, 1)
+        stats.acceptance_by_depth = [a / r if r else float("nan") for a, r in zip(stats.accepted_by_depth, stats.reached_by_depth)]
+        stats.tokens_per_second = stats.new_tokens / stats.seconds if stats.seconds > 0 else float("inf")
+        return GenerationOutput(tokens, lengths, stats)

@@ -1,0 +1,168 @@
+"""A small GPT/Llama-style decoder that speaks the engine's model protocol (see models.py).
+
+Llama layout: token embedding, n_layer blocks of (RMSNorm -> attention with RoPE -> residual,
+RMSNorm -> SwiGLU MLP -> residual), a final RMSNorm and an untied output head.  Grouped-query
+attention when n_kv_head < n_head.  Causal and tree attention are one code path: the engine's
+boolean mask [B, T, S] says which cached or new slots each new token sees, and RoPE takes the
+position ids it is given, so siblings in a draft tree share a position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cache import KVCache
+
+__all__ = ["GPTConfig", "GPT"]
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256
+    n_layer: int = 2
+    n_head: int = 4
+    n_kv_head: int | None = None  # None: n_head (plain multi-head attention)
+    dim: int = 64
+    intermediate_size: int | None = None  # None: the Llama rule, about 8/3 * dim rounded up to 32
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.intermediate_size is None:
+            hidden = int(8 * self.dim / 3)
+            self.intermediate_size = (hidden + 31) // 32 * 32
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "dim", "intermediate_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.n_head:
+            raise ValueError(f"GPTConfig.dim = {self.dim} must be divisible by n_head = {self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"GPTConfig.n_head = {self.n_head} must be divisible by n_kv_head = {self.n_kv_head}")
+        if (self.dim // self.n_head) % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got dim / n_head = {self.dim // self.n_head}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalize in float32 at least: the mean of squares underflows in half precision.
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.to(x.dtype) * self.weight
+
+
+def rope(x: Tensor, pos: Tensor, base: float) -> Tensor:
+    """Rotate x [B, H, T, D] by its positions pos [B, T] (rotate-half convention).
+
+    Angles come from the positions directly, not from a precomputed table, so there is no
+    maximum sequence length to configure.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float64) / half)  # [D/2]
+    angle = (pos.unsqueeze(-1).double() * inv_freq).unsqueeze(1)  # [B, 1, T, D/2]
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.rope_base = config.rope_base
+        self.wq = nn.Linear(config.dim, config.n_head * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_head * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_head * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+
+    def forward(self, x: Tensor, pos: Tensor, mask: Tensor, cache: KVCache) -> Tensor:
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.wk(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.wv(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        q, k = rope(q, pos, self.rope_base), rope(k, pos, self.rope_base)
+        k, v = cache.write(self.layer, k, v)  # [B, Hkv, S, D]: cached slots and the new ones
+        if self.n_kv_head != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # [B, H, S, D]
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))  # [B, H, T, D]
+        return self.wo(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)
+        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, layer)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: Tensor, pos: Tensor, mask: Tensor, cache: KVCache) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), pos, mask, cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer; ``GPT(config)(ids, pos, mask, cache) -> logits [B, T, V]``."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # Unit-variance activations: 1/sqrt(fan_in) for every projection, residual outputs
+        # damped by 1/sqrt(2 n_layer), and an output head scaled so that a random model's
+        # next-token rows are peaked and varied rather than nearly uniform (useful in tests).
+        for name, p in self.named_parameters():
+            if name.endswith("tok_embeddings.weight"):
+                nn.init.normal_(p, std=1.0)
+            elif p.dim() == 2:
+                std = p.shape[1] ** -0.5
+                if name.endswith(("wo.weight", "w2.weight")):
+                    std /= (2 * self.config.n_layer) ** 0.5
+                if name == "output.weight":
+                    std *= 2.0
+                nn.init.normal_(p, std=std)
+
+    def new_cache(self, batch_size: int, max_len: int, device: torch.device | str = "cpu") -> KVCache:
+        c = self.config
+        dtype = self.output.weight.dtype
+        return KVCache(c.n_layer, batch_size, c.n_kv_head, max_len, c.head_dim, dtype=dtype, device=device)
+
+    def forward(self, ids: Tensor, pos: Tensor, mask: Tensor, cache: KVCache) -> Tensor:
+        x = self.tok_embeddings(ids)  # [B, T, dim]
+        for block in self.layers:
+            x = block(x, pos, mask, cache)
+        return self.output(self.norm(x))  # [B, T, V]

@@ -1,0 +1,78 @@
+"""Bad input raises ValueError naming the value and the limit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multidraft.engine import GPT, GPTConfig, Engine, TableModel
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(TableModel.random(4, 2, seed=0), TableModel.random(4, 2, seed=1), device="cpu")
+
+
+@pytest.mark.parametrize(
+    "prompt,message",
+    [
+        ([[1, 2], []], "prompt 1 is empty"),
+        ([], "prompt_ids is empty"),
+        (torch.zeros(2, 0, dtype=torch.long), "prompts are empty \\(T = 0\\)"),
+        ([[1, 4]], "prompt 0 token 1 has id 4, out of range for V = 4 \\(ids must be in 0..3\\)"),
+        (torch.tensor([[0, -1]]), "prompt 0 token 1 has id -1, out of range for V = 4"),
+        (torch.tensor([[0.5, 1.0]]), "prompt_ids must hold integer token ids, got dtype torch.float32"),
+        (torch.zeros(1, 1, 2, dtype=torch.long), "prompt_ids must be \\[B, T\\] or \\[T\\], got shape \\(1, 1, 2\\)"),
+        ([["a"]], "prompt_ids must be a LongTensor or a list of lists of ints"),
+    ],
+)
+def test_bad_prompts(engine, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        engine.generate(prompt, max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"max_new_tokens": -1}, "max_new_tokens must be an int >= 0, got -1"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be an int >= 0, got 2.5"),
+        ({"max_new_tokens": 2, "temperature": -0.1}, "temperature must be a finite number >= 0 \\(0 means greedy\\), got -0.1"),
+        ({"max_new_tokens": 2, "top_k": 0}, "top_k must be None or an int >= 1, got 0"),
+        ({"max_new_tokens": 2, "top_p": 0.0}, "top_p must be None or a number in \\(0, 1\\], got 0.0"),
+        ({"max_new_tokens": 2, "top_p": 1.5}, "top_p must be None or a number in \\(0, 1\\], got 1.5"),
+        ({"max_new_tokens": 2, "eos_token_id": 4}, "eos_token_id = 4 is out of range for V = 4"),
+    ],
+)
+def test_bad_generate_arguments(engine, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        engine.generate([[1, 2]], **kwargs)
+
+
+def test_bad_engine_arguments():
+    t4, t5 = TableModel.random(4, 2, seed=0), TableModel.random(5, 2, seed=0)
+    with pytest.raises(ValueError, match="share a vocabulary, got V = 4 \\(target\\) and V = 5 \\(draft\\)"):
+        Engine(t4, t5)
+    with pytest.raises(ValueError, match="share a vocabulary, got V = 48 \\(target\\) and V = 4 \\(draft\\)"):
+        Engine(GPT(GPTConfig(vocab_size=48, dim=32)), t4)
+    with pytest.raises(ValueError, match="unknown verifier 'nope'"):
+        Engine(t4, t4, verifier="nope")
+    with pytest.raises(ValueError, match="verifier 'single' takes num_drafts in 1..1, got 2"):
+        Engine(t4, t4, verifier="single", num_drafts=2)
+    with pytest.raises(ValueError, match="num_drafts must be an int >= 1, got 0"):
+        Engine(t4, t4, num_drafts=0)
+    with pytest.raises(ValueError, match="depth must be an int >= 1, got 0"):
+        Engine(t4, t4, depth=0)
+    with pytest.raises(ValueError, match="'spechub' drafts by its own non-i.i.d. scheme, which this engine supports only at depth = 1 \\(got depth = 2\\)"):
+        Engine(t4, t4, verifier="spechub", num_drafts=2, depth=2)
+    Engine(t4, t4, verifier="rrs-wor", num_drafts=3, depth=2)  # distinct drafts: one survivor per child
+    with pytest.raises(ValueError, match="target model must have an int attribute vocab_size"):
+        Engine(object(), t4)
+
+
+def test_bad_table_and_config():
+    with pytest.raises(ValueError, match="every dim equal"):
+        TableModel(torch.full((4, 3), 1 / 3))
+    with pytest.raises(ValueError, match="off by"):
+        TableModel(torch.full((2, 2), 0.3))
+    with pytest.raises(ValueError, match="GPTConfig.dim = 30 must be divisible by n_head = 4"):
+        GPTConfig(dim=30, n_head=4)

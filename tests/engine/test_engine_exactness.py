@@ -1,0 +1,80 @@
+"""End to end exactness: the engine's law over whole generated sequences is the target's.
+
+Table models (V = 4, trigram) make the target law exactly computable (engine_helpers.sequence_law).
+One generate call with N identical requests gives N independent samples of the first n new
+tokens; the chi-square plan of tests/chisquare.py (family-wise false-failure rate <= 1e-6,
+fixed seeds) judges the counts over all V^n sequences, and support is checked separately.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from chisquare import ALPHA, assert_law, chi_square_pvalue
+from engine_helpers import encode, sequence_law
+from negative_control import ForgetfulRejection
+from multidraft.engine import Engine, TableModel
+
+VOCAB, ORDER, NEW = 4, 3, 3
+SAMPLES = 200_000  # the headline case; variants use half (power stays ample for 64 cells)
+
+
+def models(zero_prob=0.0):
+    # Different Dirichlet draws: q is far enough from p that every depth both accepts and rejects.
+    target = TableModel.random(VOCAB, ORDER, seed=11, zero_prob=zero_prob)
+    draft = TableModel.random(VOCAB, ORDER, seed=12, zero_prob=zero_prob)
+    return target, draft
+
+
+def run(engine, prompts, seed, **sampling):
+    out = engine.generate(prompts, max_new_tokens=NEW, seed=seed, **sampling)
+    assert (out.lengths == NEW).all()
+    return out
+
+
+PLAN = [
+    # verifier, k, depth, sampling, zero_prob, samples
+    ("rrs", 2, 3, {}, 0.0, SAMPLES),
+    ("rrs", 3, 2, {"temperature": 0.8, "top_k": 3, "top_p": 0.9}, 0.0, SAMPLES // 2),
+    ("rrs", 2, 2, {}, 0.3, SAMPLES // 2),  # tables with holes: p or q zero on some tokens
+    ("single", 1, 3, {}, 0.0, SAMPLES // 2),
+    ("rrs-wor", 2, 2, {}, 0.0, SAMPLES // 2),  # distinct root drafts, one survivor per child
+]
+
+
+@pytest.mark.parametrize("name,k,depth,sampling,zero_prob,samples", PLAN)
+def test_sequence_law_matches_target(name, k, depth, sampling, zero_prob, samples):
+    target, draft = models(zero_prob)
+    engine = Engine(target, draft, verifier=name, num_drafts=k, depth=depth, device="cpu")
+    prompt = [1, 2]
+    out = run(engine, torch.tensor([prompt]).expand(samples, -1), seed=1234, **sampling)
+    counts = np.bincount(encode(out.tokens, VOCAB), minlength=VOCAB**NEW)
+    law = sequence_law(target, prompt, NEW, **sampling)
+    assert_law(counts, law, f"engine {name} k={k} depth={depth} {sampling} zero_prob={zero_prob}")
+    # The run must actually exercise the tree: some walks accept at every depth, some reject.
+    acc = out.stats.acceptance_by_depth
+    assert all(0 < a < 1 for a in acc), acc
+
+
+def test_ragged_batch_each_request_follows_its_law():
+    """Requests with different prompts (and lengths) share a batch; each follows its own law."""
+    target, draft = models()
+    engine = Engine(target, draft, verifier="rrs", num_drafts=2, depth=3, device="cpu")
+    prompts = [[1, 2], [3]] * (SAMPLES // 4)  # interleaved so ragged rows sit side by side
+    out = run(engine, prompts, seed=99)
+    for parity, prompt in enumerate([[1, 2], [3]]):
+        counts = np.bincount(encode(out.tokens[parity::2], VOCAB), minlength=VOCAB**NEW)
+        assert_law(counts, sequence_law(target, prompt, NEW), f"ragged batch, prompt {prompt}")
+
+
+def test_negative_control_wrong_verifier_is_caught():
+    """The same test must reject a plausible but wrong verifier (no residual update)."""
+    target, draft = models()
+    engine = Engine(target, draft, verifier=ForgetfulRejection(), num_drafts=2, depth=2, device="cpu")
+    prompt = [1, 2]
+    # A quarter of the samples already rejects it with a p-value far below ALPHA.
+    out = run(engine, torch.tensor([prompt]).expand(SAMPLES // 4, -1), seed=7)
+    counts = np.bincount(encode(out.tokens, VOCAB), minlength=VOCAB**NEW)
+    assert chi_square_pvalue(counts, sequence_law(target, prompt, NEW)) < ALPHA

@@ -1,0 +1,129 @@
+"""Decoding behaviour: greedy equals plain greedy, seeds repeat, batches equal single requests,
+stats add up, eos stops a request."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_helpers import plain_greedy
+from multidraft.engine import GPT, GPTConfig, Engine, TableModel
+
+VOCAB = 48
+
+
+def gpt(seed, dtype=torch.float64, **overrides):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(**{"vocab_size": VOCAB, "n_layer": 2, "n_head": 4, "dim": 32, **overrides})
+    return GPT(cfg).to(dtype).eval()
+
+
+def noisy_copy(model, scale, seed):
+    """A draft close to the target: acceptance is high but not perfect, so it is ragged."""
+    torch.manual_seed(seed)
+    draft = GPT(model.config).to(next(model.parameters()).dtype).eval()
+    draft.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return draft
+
+
+PROMPTS = [[3, 1, 4, 1, 5], [9], [2, 6, 5, 3, 5, 8, 9, 7], [0, 0]]
+
+
+@pytest.mark.parametrize("verifier,k,depth", [("rrs", 2, 3), ("single", 1, 4), ("rrs-wor", 3, 2), ("spechub", 2, 1)])
+def test_greedy_equals_plain_greedy_token_for_token(verifier, k, depth):
+    target = gpt(0)
+    draft = noisy_copy(target, 0.15, seed=1)
+    engine = Engine(target, draft, verifier=verifier, num_drafts=k, depth=depth, device="cpu")
+    n = 12
+    out = engine.generate(PROMPTS, max_new_tokens=n, temperature=0.0, seed=0)
+    for b, prompt in enumerate(PROMPTS):
+        assert out.tokens[b].tolist() == plain_greedy(target, prompt, n), f"request {b}"
+    # Ragged acceptance actually happened: some depths accepted, some rejected.
+    assert 0 < out.stats.accepted_by_depth[0] < out.stats.reached_by_depth[0]
+
+
+def test_greedy_float32_model():
+    target = gpt(0, dtype=torch.float32)
+    draft = noisy_copy(target, 0.1, seed=2)
+    engine = Engine(target, draft, verifier="rrs", num_drafts=2, depth=3, device="cpu")
+    out = engine.generate(PROMPTS[:2], max_new_tokens=10, temperature=0.0)
+    for b, prompt in enumerate(PROMPTS[:2]):
+        assert out.tokens[b].tolist() == plain_greedy(target, prompt, 10)
+
+
+def test_draft_equal_to_target_accepts_everything():
+    target = gpt(0)
+    depth, n = 3, 12
+    engine = Engine(target, target, verifier="rrs", num_drafts=2, depth=depth, device="cpu")
+    out = engine.generate(PROMPTS, max_new_tokens=n, temperature=0.0)
+    assert out.stats.block_efficiency == depth + 1
+    assert out.stats.acceptance_by_depth == [1.0] * depth
+    assert out.stats.target_passes == n // (depth + 1)
+    assert out.stats.draft_passes == depth * out.stats.target_passes
+    assert out.stats.new_tokens == n * len(PROMPTS)
+    # Sampling with p == q: every draft accepted too (rrs accepts x with min(1, p/q) = 1).
+    out = engine.generate(PROMPTS, max_new_tokens=n, temperature=1.0, top_k=10, seed=3)
+    assert out.stats.acceptance_by_depth == [1.0] * depth
+
+
+def test_same_seed_same_output_and_seeds_matter():
+    target, draft = gpt(0), gpt(5)
+    engine = Engine(target, draft, verifier="rrs", num_drafts=3, depth=2, device="cpu")
+    a = engine.generate(PROMPTS, max_new_tokens=10, temperature=1.0, top_p=0.95, seed=42)
+    b = engine.generate(PROMPTS, max_new_tokens=10, temperature=1.0, top_p=0.95, seed=42)
+    c = engine.generate(PROMPTS, max_new_tokens=10, temperature=1.0, top_p=0.95, seed=43)
+    assert torch.equal(a.tokens, b.tokens)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_batch_equals_each_request_alone_greedy():
+    target = gpt(0)
+    draft = noisy_copy(target, 0.15, seed=1)
+    engine = Engine(target, draft, verifier="rrs", num_drafts=2, depth=3, device="cpu")
+    batch = engine.generate(PROMPTS, max_new_tokens=9, temperature=0.0)
+    for b, prompt in enumerate(PROMPTS):
+        alone = engine.generate([prompt], max_new_tokens=9, temperature=0.0)
+        assert alone.tokens[0].tolist() == batch.tokens[b].tolist()
+
+
+def test_batch_equals_alone_with_table_models_sampling_single_request_seeded():
+    """With one request the seeded sampler is a pure function of (prompt, seed)."""
+    target, draft = TableModel.random(5, 3, seed=0), TableModel.random(5, 3, seed=1)
+    engine = Engine(target, draft, verifier="rrs", num_drafts=2, depth=2, device="cpu")
+    outs = [engine.generate([[1, 2]], max_new_tokens=8, seed=s).tokens for s in range(3)]
+    again = [engine.generate(torch.tensor([1, 2]), max_new_tokens=8, seed=s).tokens for s in range(3)]
+    assert all(torch.equal(x, y) for x, y in zip(outs, again))
+
+
+def test_eos_stops_a_request_and_pads():
+    target = gpt(0)
+    engine = Engine(target, noisy_copy(target, 0.1, seed=1), verifier="rrs", num_drafts=2, depth=3, device="cpu")
+    ref = plain_greedy(target, PROMPTS[0], 12)
+    eos = ref[4]
+    out = engine.generate(PROMPTS[:1], max_new_tokens=12, temperature=0.0, eos_token_id=eos)
+    cut = ref.index(eos) + 1
+    assert out.lengths.tolist() == [cut]
+    assert out.tokens[0, :cut].tolist() == ref[:cut]
+    assert (out.tokens[0, cut:] == -1).all()
+
+
+def test_zero_new_tokens_and_stats_fields():
+    engine = Engine(gpt(0), gpt(1), device="cpu")
+    out = engine.generate(PROMPTS, max_new_tokens=0)
+    assert out.tokens.shape == (len(PROMPTS), 0) and out.stats.target_passes == 0
+    out = engine.generate(PROMPTS, max_new_tokens=5, seed=0)
+    s = out.stats
+    assert out.tokens.shape == (len(PROMPTS), 5)
+    assert s.rounds == s.target_passes > 0 and s.draft_passes == 3 * s.rounds
+    assert 1 <= s.block_efficiency <= 4 and s.tokens_per_second > 0
+    assert len(s.acceptance_by_depth) == 3
+
+
+def test_verifier_instance_and_options():
+    import multidraft as md
+    engine = Engine(gpt(0), gpt(1), verifier=md.get_verifier("rrs", validate_args=False), num_drafts=2, depth=2, device="cpu")
+    assert engine.generate(PROMPTS, max_new_tokens=4, seed=0).tokens.shape == (4, 4)
+    assert "rrs" in repr(engine)
