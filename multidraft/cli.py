@@ -1,8 +1,9 @@
-"""Command line: `multidraft compare` (the default job), `verify-exactness`, `verifiers`."""
+"""Command line: `multidraft compare` (the default job), `verify-exactness`, `verifiers`, `generate`."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 
 from .verifiers import available_verifiers
@@ -59,6 +60,59 @@ def cmd_verify_exactness(args) -> int:
     return 0
 
 
+def _load_hf(path: str):
+    from transformers import AutoModelForCausalLM
+
+    from .engine import HFModel
+
+    return HFModel(AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa"))
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .engine import Engine, autoregressive_generate, demo_pair
+
+    if (args.target is None) != (args.draft is None):
+        raise ValueError("give both --target and --draft (local Hugging Face model directories), or neither for the built-in pair")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.target is None:
+        target, draft = demo_pair(seed=args.model_seed)
+        pair = f"built-in GPT pair (seed {args.model_seed}, untrained): target 8 layers x 256, draft = its first layer (early exit)"
+    else:
+        target, draft = _load_hf(args.target), _load_hf(args.draft)
+        pair = f"target {args.target}, draft {args.draft}"
+    options = {}
+    for item in args.verifier_option or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--verifier-option takes KEY=VALUE, got {item!r}")
+        try:  # numbers, True/False/None as Python literals; anything else stays a string
+            options[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key] = text
+    engine = Engine(target, draft, verifier=args.verifier, num_drafts=args.num_drafts, depth=args.depth, device=args.device, **options)
+    prompt = args.prompt or [1]
+    prompts = [prompt] * args.batch
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    out = engine.generate(prompts, max_new_tokens=args.max_new_tokens, eos_token_id=args.eos, **sampling)
+    s = out.stats
+    print(f"{pair}; {engine!r}", file=sys.stderr)
+    for b in range(out.tokens.shape[0]):
+        print(" ".join(str(t) for t in out.tokens[b, : int(out.lengths[b])].tolist()))
+    print(f"\nverifier {engine.verifier.name}  k={args.num_drafts}  depth={args.depth}  batch={args.batch}  T={args.temperature}")
+    print(f"block efficiency {s.block_efficiency:.3f} tokens/pass   target passes {s.target_passes}   draft passes {s.draft_passes}")
+    print("acceptance by depth " + " ".join(f"{a:.3f}" for a in s.acceptance_by_depth))
+    print(f"{s.new_tokens} tokens in {s.seconds:.3f} s = {s.tokens_per_second:.1f} tokens/s")
+    if args.compare:
+        base = autoregressive_generate(target, prompts, args.max_new_tokens, eos_token_id=args.eos, device=engine.device, **sampling)
+        b = base.stats
+        print(f"target alone: {b.new_tokens} tokens in {b.seconds:.3f} s = {b.tokens_per_second:.1f} tokens/s "
+              f"(speedup {b.seconds / s.seconds * s.new_tokens / max(b.new_tokens, 1):.2f}x)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multidraft", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -82,6 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
     exact.set_defaults(run=cmd_verify_exactness)
     listing = sub.add_parser("verifiers", help="list the registered verifiers and their capabilities")
     listing.set_defaults(run=cmd_verifiers)
+    gen = sub.add_parser("generate", help="speculative decoding with a verifier on a model pair; prints tokens and stats")
+    gen.add_argument("--verifier", default="rrs", help="registered verifier name (default rrs)")
+    gen.add_argument("--verifier-option", action="append", metavar="KEY=VALUE", help="extra verifier constructor option (a Python literal, else a string); repeatable")
+    gen.add_argument("--num-drafts", "-k", type=int, default=2, help="draft sequences per round (default 2)")
+    gen.add_argument("--depth", "-d", type=int, default=3, help="draft tokens per sequence (default 3)")
+    gen.add_argument("--max-new-tokens", "-n", type=int, default=32)
+    gen.add_argument("--temperature", "-t", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--prompt", type=_csv(int), help="comma-separated token ids (default: 1)")
+    gen.add_argument("--batch", type=int, default=1, help="copies of the prompt decoded together (default 1)")
+    gen.add_argument("--eos", type=int, help="stop a request at this token id")
+    gen.add_argument("--target", help="local Hugging Face causal-LM directory for the target")
+    gen.add_argument("--draft", help="local Hugging Face causal-LM directory for the draft")
+    gen.add_argument("--model-seed", type=int, default=0, help="initialisation seed of the built-in pair (default 0)")
+    gen.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    gen.add_argument("--threads", type=int, help="torch.set_num_threads")
+    gen.add_argument("--compare", action="store_true", help="also time target-only decoding with the same settings")
+    gen.set_defaults(run=cmd_generate)
     return parser
 
 

@@ -7,8 +7,9 @@ Pipeline and exactness argument: docs/engine.md.
 """
 
 from .cache import KVCache
-from .engine import Engine, GenerationOutput, GenerationStats
-from .gpt import GPT, GPTConfig
+from .engine import Engine, GenerationOutput, GenerationStats, autoregressive_generate
+from .gpt import GPT, GPTConfig, demo_pair, early_exit
+from .hf import HFModel
 from .models import CausalLM, TableModel
 from .sampling import SamplingConfig, logits_to_probs
 
@@ -19,6 +20,10 @@ __all__ = [
     "KVCache",
     "GPT",
     "GPTConfig",
+    "early_exit",
+    "demo_pair",
+    "HFModel",
+    "autoregressive_generate",
     "CausalLM",
     "TableModel",
     "SamplingConfig",

@@ -36,7 +36,7 @@ from .models import _check_vocab
 from .sampling import SamplingConfig, logits_to_probs
 from .tree import attention_mask, pending_rows, pending_tokens, prefix_groups, tree_positions, tree_rows
 
-__all__ = ["Engine", "GenerationOutput", "GenerationStats"]
+__all__ = ["Engine", "GenerationOutput", "GenerationStats", "autoregressive_generate"]
 
 
 @dataclass
@@ -413,3 +413,66 @@ class Engine:
         stats.acceptance_by_depth = [a / r if r else float("nan") for a, r in zip(stats.accepted_by_depth, stats.reached_by_depth)]
         stats.tokens_per_second = stats.new_tokens / stats.seconds if stats.seconds > 0 else float("inf")
         return GenerationOutput(tokens, lengths, stats)
+
+
+# ---- the baseline: plain autoregressive decoding ---------------------------------------------
+
+
+@torch.no_grad()
+def autoregressive_generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
+                            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                            eos_token_id: int | None = None, device: str | torch.device | None = None) -> GenerationOutput:
+    """Target-only decoding, one forward per token, with the engine's own cache, masks and
+    sampling transform: the baseline speculative decoding is measured against (same arguments
+    and output as ``Engine.generate``; ``stats.block_efficiency`` is 1)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    vocab = _check_vocab("model", model)
+    if eos_token_id is not None and not (0 <= eos_token_id < vocab):
+        raise ValueError(f"eos_token_id = {eos_token_id} is out of range for V = {vocab}")
+    sampling = SamplingConfig(temperature, top_k, top_p)
+    device = torch.device(device if device is not None else default_device())
+    if isinstance(model, torch.nn.Module):
+        model.to(device).eval()
+    prompts, prompt_len = prepare_prompts(prompt_ids, vocab, device)
+    bsz, t_max, n = prompts.shape[0], prompts.shape[1], max_new_tokens
+    stats = GenerationStats()
+    started = time.perf_counter()
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    cache = model.new_cache(bsz, t_max + n + 1, device)
+    seq = torch.zeros(bsz, t_max + n + 2, dtype=torch.long, device=device)  # last column: trash
+    seq[:, :t_max] = prompts
+    seq_len = prompt_len.clone()
+    done = torch.zeros(bsz, dtype=torch.bool, device=device) | (n == 0)
+    no_accept = torch.zeros(bsz, dtype=torch.long, device=device)
+    while not bool(done.all()):
+        active = ~done
+        ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)  # [B, P]
+        logits = model_forward(model, cache, ids, pos, pending_rows(valid))  # [B, P, V]
+        last = (count - 1).view(-1, 1, 1).expand(-1, 1, logits.shape[-1])
+        probs = logits_to_probs(logits.gather(1, last).squeeze(1), sampling)  # [B, V]
+        token = sample_from_weights(probs, generator)  # greedy: p is one-hot at the argmax
+        cache.commit(torch.arange(valid.shape[1], device=device).expand(bsz, -1), torch.where(active, count, no_accept))
+        generated_before = seq_len - prompt_len
+        append_tokens(seq, seq_len, token.unsqueeze(1), no_accept, active)
+        if eos_token_id is not None:
+            done |= active & (token == eos_token_id) & (generated_before < n)
+        done |= seq_len - prompt_len >= n
+        stats.rounds += 1
+        stats.target_passes += 1
+    j = torch.arange(n, device=device).unsqueeze(0)
+    tokens = seq.gather(1, (prompt_len.unsqueeze(1) + j).clamp(max=seq.shape[1] - 1))  # [B, n]
+    lengths = torch.full((bsz,), n, dtype=torch.long, device=device)
+    if eos_token_id is not None and n:
+        is_eos = tokens == eos_token_id
+        lengths = torch.where(is_eos.any(1), is_eos.to(torch.uint8).argmax(1) + 1, lengths)
+    tokens = torch.where(j < lengths.unsqueeze(1), tokens, torch.full_like(tokens, -1))
+    stats.seconds = time.perf_counter() - started
+    stats.new_tokens = int(lengths.sum())
+    stats.block_efficiency = 1.0
+    stats.tokens_per_second = stats.new_tokens / stats.seconds if stats.seconds > 0 else float("inf")
+    return GenerationOutput(tokens, lengths, stats)

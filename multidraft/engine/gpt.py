@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .cache import KVCache
 
-__all__ = ["GPTConfig", "GPT"]
+__all__ = ["GPT", "GPTConfig", "demo_pair", "early_exit"]
 
 
 @dataclass
@@ -166,3 +166,28 @@ class GPT(nn.Module):
         for block in self.layers:
             x = block(x, pos, mask, cache)
         return self.output(self.norm(x))  # [B, T, V]
+
+
+def early_exit(model: GPT, n_layer: int) -> GPT:
+    """A draft made of ``model``'s first ``n_layer`` blocks, its final norm and its output head
+    (copies, not shared).  Its logits read the target's residual stream early, so its next-token
+    law is correlated with the target's: a cheap, honest stand-in for a trained draft when the
+    target itself is untrained (with random weights an independent draft accepts ~nothing)."""
+    if not 1 <= n_layer <= model.config.n_layer:
+        raise ValueError(f"early_exit needs 1 <= n_layer <= {model.config.n_layer} (the model's layers), got {n_layer}")
+    config = GPTConfig(**{**model.config.__dict__, "n_layer": n_layer})
+    draft = GPT(config).to(next(model.parameters()).dtype)
+    state = {name: p for name, p in model.state_dict().items()
+             if not name.startswith("layers.") or int(name.split(".")[1]) < n_layer}
+    draft.load_state_dict(state)
+    return draft.eval()
+
+
+def demo_pair(seed: int = 0, vocab_size: int = 256, n_layer: int = 8, dim: int = 256, n_head: int = 8,
+              draft_layers: int = 1) -> tuple[GPT, GPT]:
+    """The built-in (target, draft) pair: a randomly initialised GPT (fixed seed) and its
+    ``draft_layers``-block early exit (see ``early_exit``).  Untrained: the tokens mean nothing,
+    but the speculation mechanics, costs and a non-trivial acceptance are real."""
+    torch.manual_seed(seed)
+    target = GPT(GPTConfig(vocab_size=vocab_size, n_layer=n_layer, dim=dim, n_head=n_head)).eval()
+    return target, early_exit(target, draft_layers)

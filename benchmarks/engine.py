@@ -1,0 +1,183 @@
+"""Speculative decoding vs plain autoregressive decoding of the same target: tokens/s and block
+efficiency, per verifier, batch size and temperature.
+
+    .venv/bin/python benchmarks/engine.py                      # full grid, 1 thread, CPU
+    .venv/bin/python benchmarks/engine.py --quick              # batch 1 and 16 only
+    .venv/bin/python benchmarks/engine.py --json out.json --markdown
+
+Models: the built-in pair (``multidraft.engine.demo_pair``): an untrained GPT target (8 layers,
+dim 256, V = 256, random weights with a fixed seed) and, as the draft, its first layer plus its
+final norm and output head ("early exit").  With random weights an independent draft would
+accept almost nothing, and a trained pair is not shipped yet; the early exit reads the target's
+own residual stream, so its next-token law is correlated with the target's and acceptance is
+non-trivial.  The acceptance figures therefore say nothing about real drafts; the costs and the
+speedup *given* that acceptance are real.
+
+Baseline: ``autoregressive_generate``, one target forward per token through the same KVCache,
+masks and sampling code.  Both decode the same prompts with the same settings; each cell times
+the baseline and the speculative run alternately (``--repeats`` times each, median), so the
+ratio compares them under the same machine load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+
+import torch
+
+from multidraft.engine import Engine, autoregressive_generate, demo_pair
+from multidraft.engine.shape import (
+    calibrate_acceptance,
+    choose_shape,
+    forward_ms,
+    measure_costs,
+)
+
+# (verifier, num_drafts, depth): spechub is k = 2 and depth 1 only (its scheme is not i.i.d.).
+CONFIGS = [("single", 1, 4), ("rrs", 2, 4), ("rrs-wor", 2, 4), ("kseq", 2, 4), ("spechub", 2, 1)]
+
+
+def prompts_for(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    target, draft = demo_pair(seed=0)
+    vocab = target.vocab_size
+    machine = {
+        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(), "load_start": os.getloadavg()[0],
+    }
+    costs = {b: {"target_1": forward_ms(target, b, 1), "target_9": forward_ms(target, b, 9),
+                 "draft_1": forward_ms(draft, b, 1), "draft_2": forward_ms(draft, b, 2)} for b in args.batches}
+    rows = []
+    for batch in args.batches:
+        prompts = prompts_for(batch, args.prompt_len, vocab, seed=batch)
+        for temperature in args.temperatures:
+            settings = dict(temperature=temperature, seed=0)
+            autoregressive_generate(target, prompts, 4, device="cpu", **settings)  # warm-up
+            for name, k, depth in CONFIGS:
+                if args.verifiers and name not in args.verifiers:
+                    continue
+                engine = Engine(target, draft, verifier=name, num_drafts=k, depth=depth, device="cpu")
+                engine.generate(prompts, 4, **settings)  # warm-up
+                base_t, spec_t, stats, same = [], [], None, []
+                for _ in range(args.repeats):
+                    base = autoregressive_generate(target, prompts, args.new_tokens, device="cpu", **settings)
+                    spec = engine.generate(prompts, args.new_tokens, **settings)
+                    base_t.append(base.stats.tokens_per_second)
+                    spec_t.append(spec.stats.tokens_per_second)
+                    stats = spec.stats
+                    # Greedy speculation is exact token for token up to float32 rounding: the tree pass sums
+                    # in another order, so a near-tie of the top two logits (~1e-7 relative) can flip.
+                    if temperature == 0:
+                        same.append(float((base.tokens == spec.tokens).all(dim=1).float().mean()))
+                row = {
+                    "batch": batch, "temperature": temperature, "verifier": name, "k": k, "depth": depth,
+                    "block_efficiency": stats.block_efficiency,
+                    "acceptance_by_depth": stats.acceptance_by_depth,
+                    "rows_equal_to_baseline": min(same) if same else None,
+                    "ar_tokens_per_s": statistics.median(base_t), "spec_tokens_per_s": statistics.median(spec_t),
+                }
+                row["speedup"] = row["spec_tokens_per_s"] / row["ar_tokens_per_s"]
+                rows.append(row)
+                print(f"B={batch:<3} T={temperature:<3} {name:<8} k={k} D={depth}  block eff {row['block_efficiency']:.2f}  "
+                      f"AR {row['ar_tokens_per_s']:8.1f} tok/s  spec {row['spec_tokens_per_s']:8.1f} tok/s  "
+                      f"x{row['speedup']:.2f}" + (f"  rows equal to AR {min(same):.2f}" if same else ""), file=sys.stderr, flush=True)
+    machine["load_end"] = os.getloadavg()[0]
+    return {"machine": machine, "forward_ms": costs, "rows": rows,
+            "settings": {"new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "repeats": args.repeats}}
+
+
+def run_adaptive(args) -> dict:
+    """Per batch size and temperature: measure forward costs, calibrate per-depth acceptance
+    (k in 1, 2, 4 at depth 6, on the calibration prompts), let ``choose_shape`` pick (k, D) or
+    plain decoding, then time that choice against plain decoding on *other* prompts."""
+    torch.set_num_threads(args.threads)
+    target, draft = demo_pair(seed=0)
+    vocab, max_depth, tokens = target.vocab_size, 6, sorted({1, 2, 3, 4, 5, 7, 9, 13, 17, 25})
+    rows = []
+    for batch in args.batches:
+        costs = measure_costs(target, draft, [batch], tokens, repeats=3)
+        calib, prompts = prompts_for(batch, args.prompt_len, vocab, seed=1000 + batch), prompts_for(batch, args.prompt_len, vocab, seed=batch)
+        for temperature in args.temperatures:
+            acceptance, overhead = calibrate_acceptance(target, draft, args.adaptive_verifier, [1, 2, 4], max_depth, calib, args.new_tokens,
+                                                        device="cpu", costs=costs, temperature=temperature, seed=1)
+            choice = choose_shape(batch, costs, acceptance, overhead_ms=overhead)
+            settings = dict(temperature=temperature, seed=0)
+            base = autoregressive_generate(target, prompts, args.new_tokens, device="cpu", **settings).stats
+            if choice.depth:
+                engine = Engine(target, draft, verifier=args.adaptive_verifier, num_drafts=choice.num_drafts, depth=choice.depth, device="cpu")
+                spec = engine.generate(prompts, args.new_tokens, **settings).stats
+                eff, rate = spec.block_efficiency, spec.tokens_per_second
+            else:
+                eff, rate = 1.0, autoregressive_generate(target, prompts, args.new_tokens, device="cpu", **settings).stats.tokens_per_second
+            row = {"batch": batch, "temperature": temperature, "k": choice.num_drafts, "depth": choice.depth,
+                   "predicted_block_efficiency": choice.block_efficiency, "predicted_tokens_per_s": choice.tokens_per_second,
+                   "overhead_ms": overhead, "block_efficiency": eff, "ar_tokens_per_s": base.tokens_per_second,
+                   "spec_tokens_per_s": rate, "speedup": rate / base.tokens_per_second}
+            rows.append(row)
+            print(f"adaptive B={batch:<3} T={temperature:<3} picks k={choice.num_drafts} D={choice.depth} (predicted {choice.tokens_per_second:.0f} tok/s, "
+                  f"overhead {overhead:.1f} ms/round)  block eff {eff:.2f}  AR {base.tokens_per_second:.1f}  spec {rate:.1f}  x{row['speedup']:.2f}",
+                  file=sys.stderr, flush=True)
+    return {"adaptive_rows": rows, "verifier": args.adaptive_verifier}
+
+
+def markdown(result: dict) -> str:
+    if "adaptive_rows" in result:
+        lines = ["| batch | T | chosen k | chosen D | predicted tok/s | overhead ms/round | block eff. | AR tok/s | spec tok/s | speedup |",
+                 "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in result["adaptive_rows"]:
+            lines.append(f"| {r['batch']} | {r['temperature']:g} | {r['k']} | {r['depth']} | {r['predicted_tokens_per_s']:.0f} | "
+                         f"{r['overhead_ms']:.1f} | {r['block_efficiency']:.2f} | {r['ar_tokens_per_s']:.0f} | "
+                         f"{r['spec_tokens_per_s']:.0f} | {r['speedup']:.2f}x |")
+        return "\n".join(lines)
+    lines = ["| batch | T | verifier | k | D | block eff. | AR tok/s | spec tok/s | speedup |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['batch']} | {r['temperature']:g} | {r['verifier']} | {r['k']} | {r['depth']} | "
+                     f"{r['block_efficiency']:.2f} | {r['ar_tokens_per_s']:.0f} | {r['spec_tokens_per_s']:.0f} | "
+                     f"{r['speedup']:.2f}x |")
+    lines += ["", "| batch | target fwd, 1 tok | target fwd, 9 tok | draft fwd, 1 tok | draft fwd, 2 tok | target/draft (1 tok) |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    for b, c in result["forward_ms"].items():
+        lines.append(f"| {b} | {c['target_1']:.2f} ms | {c['target_9']:.2f} ms | {c['draft_1']:.2f} ms | "
+                     f"{c['draft_2']:.2f} ms | {c['target_1'] / c['draft_1']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--verifiers", nargs="+", help="subset of: " + ", ".join(c[0] for c in CONFIGS))
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (median)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: a shared machine)")
+    parser.add_argument("--quick", action="store_true", help="batches 1 and 16, one repeat")
+    parser.add_argument("--adaptive", action="store_true", help="instead: pick (k, D) per batch size with multidraft.engine.shape")
+    parser.add_argument("--adaptive-verifier", default="rrs")
+    parser.add_argument("--json", help="write rows and machine info here")
+    parser.add_argument("--markdown", action="store_true", help="print the markdown tables")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batches, args.repeats = [1, 16], 1
+    result = run_adaptive(args) if args.adaptive else run(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.markdown:
+        print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

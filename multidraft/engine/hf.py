@@ -1,0 +1,145 @@
+"""A Hugging Face ``transformers`` causal LM behind the engine's model protocol (see models.py).
+
+    from transformers import AutoModelForCausalLM
+    target = HFModel(AutoModelForCausalLM.from_pretrained("path/to/model"))
+    Engine(target, HFModel(draft_hf), verifier="rrs").generate(...)
+
+The adapter calls the HF model's own forward with
+
+- ``position_ids`` = the engine's position ids (siblings in a draft tree share one),
+- ``attention_mask`` = the engine's [B, T, S] mask as a 4-D *additive* float mask
+  [B, 1, T, S] (0 where visible, the dtype's minimum elsewhere).  HF passes a 4-D mask through
+  untouched; additive rather than boolean because the eager attention adds the mask to the
+  scores, while sdpa accepts either,
+- ``past_key_values`` = ``EngineCache``, a ``transformers.Cache`` whose ``update`` writes the new
+  keys/values through the engine's ``KVCache.write`` and returns the layer's K/V over all S slots.
+
+So the engine's KVCache is the only store: ``commit`` gathers the kept slots into place exactly
+as for the built-in GPT, and the HF model never decides what is kept.
+
+Not every architecture can take that: the check in ``HFModel.__init__`` refuses models whose
+forward lacks ``position_ids`` / ``past_key_values``, attention backends that ignore a 4-D mask
+(flash attention), linear-attention / recurrent layers, ALiBi models (their bias comes from a 2-D
+padding mask, not from positions), and a sliding window shorter than the cache (a custom mask
+bypasses HF's window).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from torch import Tensor, nn
+
+from .cache import KVCache
+
+__all__ = ["HFModel"]  # EngineCache: see __getattr__ below (imports transformers lazily)
+
+# Attention backends that add (or apply) a 4-D mask as given.  flash_attention_* take only a
+# 2-D padding mask and would silently ignore the tree structure.
+_MASK_BACKENDS = ("eager", "sdpa")
+# Position information from a 2-D padding mask (ALiBi) or no positions at all: a tree cannot be expressed.
+_UNSUPPORTED_TYPES = {"bloom": "ALiBi biases", "mpt": "ALiBi biases", "falcon": "ALiBi biases (alibi=True)"}
+
+
+@functools.cache
+def _cache_class():
+    from transformers.cache_utils import Cache
+
+    class EngineCache(Cache):
+        """A ``transformers.Cache`` that stores into the engine's ``KVCache``; one per forward."""
+
+        def __init__(self, kv: KVCache):
+            super().__init__(layers=[])
+            self.kv = kv
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            # key_states [B, Hkv, T, D] -> the layer's keys/values [B, Hkv, S, D] (cache + new).
+            return self.kv.write(layer_idx, key_states, value_states)
+
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return self.kv.max_committed + self.kv.used
+
+        def __len__(self) -> int:
+            return self.kv.k.shape[0]
+
+    return EngineCache
+
+
+def __getattr__(name):  # EngineCache imports transformers only when asked for
+    if name == "EngineCache":
+        return _cache_class()
+    raise AttributeError(name)
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def check_architecture(model: nn.Module) -> None:
+    """Raise ValueError naming the architecture when it cannot take custom masks and positions."""
+    config = _text_config(model.config)
+    arch = f"{type(model).__name__} (model_type {getattr(config, 'model_type', '?')!r})"
+    params = inspect.signature(model.forward).parameters
+    missing = [p for p in ("attention_mask", "position_ids", "past_key_values") if p not in params]
+    if missing:
+        raise ValueError(f"{arch} cannot run in the engine: its forward takes no {', '.join(missing)}")
+    reason = _UNSUPPORTED_TYPES.get(getattr(config, "model_type", None))
+    if reason and (config.model_type != "falcon" or getattr(config, "alibi", False)):
+        raise ValueError(f"{arch} cannot run in the engine: {reason} come from a 2-D padding mask, not from position ids, so a token tree cannot be expressed")
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in _MASK_BACKENDS:
+        raise ValueError(
+            f"{arch} uses attn_implementation={impl!r}, which ignores a 4-D tree mask; load it with "
+            f"attn_implementation in {_MASK_BACKENDS}"
+        )
+    layer_types = getattr(config, "layer_types", None) or []
+    odd = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+    if odd:
+        raise ValueError(f"{arch} cannot run in the engine: layer types {odd} keep recurrent state, not a per-token KV cache")
+
+
+class HFModel(nn.Module):
+    """Wrap a ``transformers`` causal LM (``…ForCausalLM``) for the engine.  See the module docstring.
+
+    The model is used as it is (its dtype, its attention backend, eager or sdpa); the engine
+    moves it to its device and calls ``.eval()``.  ``vocab_size`` is ``config.vocab_size``, the
+    logits' width.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        check_architecture(model)
+        self.model = model
+        config = _text_config(model.config)
+        self.vocab_size = int(config.vocab_size)
+        self.n_layers = int(config.num_hidden_layers)
+        n_heads = int(config.num_attention_heads)
+        self.n_kv_heads = int(getattr(config, "num_key_value_heads", None) or n_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        sliding = window is not None and (layer_types is None or "sliding_attention" in layer_types)
+        self.sliding_window = int(window) if sliding and getattr(config, "use_sliding_window", True) is not False else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def new_cache(self, batch_size: int, max_len: int, device: torch.device | str = "cpu") -> KVCache:
+        if self.sliding_window is not None and max_len > self.sliding_window:
+            raise ValueError(
+                f"{type(self.model).__name__} has a sliding window of {self.sliding_window} tokens, which the engine's "
+                f"4-D mask does not apply; sequences must fit in it, got a cache of max_len = {max_len}"
+            )
+        return KVCache(self.n_layers, batch_size, self.n_kv_heads, max_len, self.head_dim, dtype=self.dtype, device=device)
+
+    def forward(self, ids: Tensor, pos: Tensor, mask: Tensor, cache: KVCache) -> Tensor:
+        dtype = self.dtype
+        # Additive mask [B, 1, T, S]: eager attention adds it to the scores, sdpa takes it as is.
+        # Every row sees at least itself, so no row is all -inf.
+        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+        out = self.model(input_ids=ids, position_ids=pos, attention_mask=additive.unsqueeze(1),
+                         past_key_values=_cache_class()(cache), use_cache=True)
+        return out.logits  # [B, T, V]

@@ -1,0 +1,198 @@
+"""The Hugging Face adapter: tiny Llama and GPT-2 models built from configs (no downloads).
+
+References are the HF model's own plain forward (``model(input_ids).logits``, no custom mask,
+no cache), so the adapter's masks, positions and cache are checked against HF itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from multidraft.engine import Engine
+from multidraft.engine.engine import commit_round, model_forward
+from multidraft.engine.hf import HFModel
+from multidraft.engine.tree import (
+    pending_rows,
+    pending_tokens,
+    prefix_groups,
+    tree_positions,
+    tree_rows,
+)
+
+VOCAB = 64
+# float64 models, but HF eager attention takes its softmax in float32: differences ~1e-8.
+# A wrong mask, position or commit moves logits by ~1e-1.
+TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+def llama(seed, impl="sdpa", **overrides):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(**{
+        "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "attn_implementation": impl, **overrides})
+    return transformers.LlamaForCausalLM(cfg).double().eval()
+
+
+def gpt2(seed, impl="eager"):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                  bos_token_id=0, eos_token_id=0, attn_implementation=impl)
+    return transformers.GPT2LMHeadModel(cfg).double().eval()
+
+
+def noisy_copy(model, scale, seed):
+    """A draft close to the target: acceptance is high but not perfect, so it is ragged."""
+    torch.manual_seed(seed)
+    draft = type(model)(model.config).double().eval()
+    draft.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(scale * p.std().clamp(min=1e-3) * torch.randn_like(p))  # noise relative to each tensor
+    return draft
+
+
+@torch.no_grad()
+def hf_logits(model, ids):
+    return model(input_ids=ids).logits
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt, n):
+    """Plain target-only greedy decoding with the HF model's own forward, no cache."""
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(hf_logits(model, torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+MODELS = [
+    pytest.param(lambda s: llama(s, "sdpa"), id="llama-sdpa"),
+    pytest.param(lambda s: llama(s, "eager"), id="llama-eager"),
+    pytest.param(lambda s: gpt2(s, "eager"), id="gpt2-eager"),
+    pytest.param(lambda s: gpt2(s, "sdpa"), id="gpt2-sdpa"),
+]
+
+
+@pytest.mark.parametrize("build", MODELS)
+@torch.no_grad()
+def test_tree_round_and_commit_match_hf_forward(build):
+    """Ragged prefill, a tree whose true path is non-contiguous in the round's layout, a commit
+    that gathers it into place, one more step: every logit equals HF's plain forward."""
+    hf = build(0)
+    model = HFModel(hf)
+    g = torch.Generator().manual_seed(1)
+    bsz, total, k, depth = 2, 14, 3, 3
+    truth = torch.randint(0, VOCAB, (bsz, total), generator=g)
+    full = hf_logits(hf, truth)  # [B, total, V]
+    cache = model.new_cache(bsz, 40)
+    seq = truth.clone()
+
+    seq_len = torch.tensor([5, 3])
+    ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)
+    logits = model_forward(model, cache, ids, pos, pending_rows(valid))
+    for b in range(bsz):
+        torch.testing.assert_close(logits[b, : count[b]], full[b, : count[b]], **TOL)
+    cache.commit(torch.arange(valid.shape[1]).expand(bsz, -1), count)
+
+    seq_len = torch.tensor([6, 4])
+    x = torch.empty(bsz, k, depth, dtype=torch.long)
+    for b in range(bsz):
+        nxt = truth[b, seq_len[b] : seq_len[b] + depth]
+        x[b, 1] = nxt
+        x[b, 0] = torch.stack([nxt[0], (nxt[1] + 1) % VOCAB, nxt[2]])
+        x[b, 2] = torch.stack([nxt[0], (nxt[1] + 2) % VOCAB, (nxt[2] + 5) % VOCAB])
+    canon = prefix_groups(x)
+    ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)
+    top = torch.cat([pending_rows(valid), torch.zeros(bsz, valid.shape[1], depth * k, dtype=torch.bool)], 2)
+    rows = torch.cat([top, tree_rows(valid, canon)], 1)
+    tree_ids = x.transpose(1, 2).reshape(bsz, depth * k)
+    logits = model_forward(model, cache, torch.cat([ids, tree_ids], 1), torch.cat([pos, tree_positions(seq_len, canon)], 1), rows)
+    width = valid.shape[1]
+    for b in range(bsz):
+        n = int(seq_len[b])
+        torch.testing.assert_close(logits[b, 0], full[b, n - 1], **TOL)
+        for level in range(depth):
+            slot = int(canon[b, level, 1])
+            torch.testing.assert_close(logits[b, width + level * k + slot], full[b, n + level], **TOL)
+        branch = torch.cat([truth[b, :n], x[b, 2]]).unsqueeze(0)
+        torch.testing.assert_close(logits[b, width + 2 * k + 2], hf_logits(hf, branch)[0, -1], **TOL)
+
+    accepted = torch.tensor([2, 3])
+    commit_round(cache, count, width, canon[:, :, 1], accepted, depth, k, active=torch.tensor([True, True]))
+    assert cache.lens.tolist() == [8, 7]
+    seq_len = cache.lens + 1
+    ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)
+    logits = model_forward(model, cache, ids, pos, pending_rows(valid))
+    for b in range(bsz):
+        torch.testing.assert_close(logits[b, 0], full[b, int(seq_len[b]) - 1], **TOL)
+
+
+PROMPTS = [[3, 1, 4, 1, 5], [9], [2, 6, 5, 3, 5, 8, 9, 7]]
+
+
+@pytest.mark.parametrize("build", [MODELS[0], MODELS[2]])
+@pytest.mark.parametrize("verifier,k,depth", [("rrs", 2, 3), ("single", 1, 2)])
+def test_hf_greedy_equals_plain_hf_greedy(build, verifier, k, depth):
+    target = build(0)
+    draft = noisy_copy(target, 0.3, seed=1)
+    engine = Engine(HFModel(target), HFModel(draft), verifier=verifier, num_drafts=k, depth=depth, device="cpu")
+    n = 10
+    out = engine.generate(PROMPTS, max_new_tokens=n, temperature=0.0, seed=0)
+    for b, prompt in enumerate(PROMPTS):
+        assert out.tokens[b].tolist() == hf_greedy(target, prompt, n), f"request {b}"
+    assert 0 < out.stats.accepted_by_depth[0] < out.stats.reached_by_depth[0]  # ragged acceptance
+
+
+def test_hf_sampling_is_seeded_and_mixed_pair():
+    """An HF Llama target with an HF GPT-2 draft (shared vocabulary): seeds repeat and matter."""
+    engine = Engine(HFModel(llama(0)), HFModel(gpt2(3)), verifier="rrs", num_drafts=3, depth=2, device="cpu")
+    a = engine.generate(PROMPTS, max_new_tokens=8, temperature=1.0, top_p=0.95, seed=7)
+    b = engine.generate(PROMPTS, max_new_tokens=8, temperature=1.0, top_p=0.95, seed=7)
+    c = engine.generate(PROMPTS, max_new_tokens=8, temperature=1.0, top_p=0.95, seed=8)
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+    assert a.tokens.shape == (3, 8) and bool((a.tokens >= 0).all())
+
+
+def test_hf_float32_greedy():
+    target = llama(0).float()
+    engine = Engine(HFModel(target), HFModel(noisy_copy(target, 0.05, seed=2).float()), verifier="rrs", num_drafts=2, depth=3, device="cpu")
+    out = engine.generate(PROMPTS[:1], max_new_tokens=8, temperature=0.0)
+    assert out.tokens[0].tolist() == hf_greedy(target, PROMPTS[0], 8)
+
+
+def test_unsupported_architectures_are_named():
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM .*attn_implementation='flash_attention_2'"):
+        model = llama(0)
+        model.config._attn_implementation = "flash_attention_2"  # set after build: no flash-attn on CPU
+        HFModel(model)
+    bloom = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match=r"BloomForCausalLM \(model_type 'bloom'\) cannot run in the engine: its forward takes no position_ids"):
+        HFModel(bloom)
+    window = HFModel(llama(0, sliding_window=16, layer_types=["sliding_attention"] * 2))
+    with pytest.raises(ValueError, match="sliding window of 16 tokens.*max_len = 40"):
+        window.new_cache(1, 40)
+    assert window.new_cache(1, 16).max_len == 16
+
+
+OTHER = {  # more decoder-only architectures, built tiny from their configs
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"num_key_value_heads": 2}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),  # partial rotary, parallel residual
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"num_key_value_heads": 2}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"num_key_value_heads": 2, "pad_token_id": 0}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"num_key_value_heads": 2, "head_dim": 16}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER))
+def test_other_architectures_greedy_equals_plain_hf_greedy(name):
+    config_cls, model_cls, extra = OTHER[name]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config_cls)(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, attn_implementation="sdpa", **extra)
+    target = getattr(transformers, model_cls)(cfg).double().eval()
+    engine = Engine(HFModel(target), HFModel(noisy_copy(target, 0.3, seed=1)), verifier="rrs", num_drafts=2, depth=3, device="cpu")
+    out = engine.generate(PROMPTS, max_new_tokens=6, temperature=0.0)
+    for b, prompt in enumerate(PROMPTS):
+        assert out.tokens[b].tolist() == hf_greedy(target, prompt, 6), f"request {b}"

@@ -1,0 +1,80 @@
+"""Choosing (num_drafts, depth) by batch size from measured costs and acceptance."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from multidraft.engine import GPT, Engine, GPTConfig, early_exit
+from multidraft.engine.shape import (
+    calibrate_acceptance,
+    choose_shape,
+    expected_block_efficiency,
+    measure_costs,
+)
+
+
+def test_expected_block_efficiency():
+    assert expected_block_efficiency([]) == 1.0
+    assert expected_block_efficiency([1.0, 1.0, 1.0]) == 4.0
+    assert expected_block_efficiency([0.5, 0.5]) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_block_efficiency([0.8, float("nan"), 1.0]) == pytest.approx(1.8)
+    with pytest.raises(ValueError, match="acceptance rates must lie in \\[0, 1\\], got 1.5"):
+        expected_block_efficiency([1.5])
+
+
+def synthetic_costs(batches, tokens):
+    """Memory-bound at small batch (a fixed 10 ms per target pass), compute-bound at large batch
+    (0.05 ms per token); the draft is 10x cheaper."""
+    target = {(b, t): max(10.0, 0.05 * b * t) for b in batches for t in tokens}
+    return {"target": target, "draft": {key: ms / 10 for key, ms in target.items()}}
+
+
+def test_depth_falls_as_the_batch_grows():
+    batches, tokens = [1, 4, 16, 64, 256, 1024], list(range(1, 26))
+    costs = synthetic_costs(batches, tokens)
+    acceptance = {1: [0.8] * 6, 2: [0.9] * 6, 4: [0.95] * 6}
+    choices = [choose_shape(b, costs, acceptance) for b in batches]
+    depths = [c.depth for c in choices]
+    assert depths == sorted(depths, reverse=True), depths
+    assert choices[0].depth >= 4 and choices[-1].depth == 0 and choices[-1].num_drafts == 0  # plain decoding wins
+    # The chosen shape's rate is what the formula says.
+    c = choices[0]
+    ms = costs["target"][1, 1 + c.num_drafts * c.depth] + costs["draft"][1, 1] + (c.depth - 1) * costs["draft"][1, c.num_drafts]
+    assert c.round_ms == pytest.approx(ms)
+    assert c.tokens_per_second == pytest.approx(1e3 * c.block_efficiency / ms)
+    # At batch 1 the target pass costs the same for any tree: more drafts and depth only help.
+    assert choices[0].num_drafts == 4
+    with pytest.raises(ValueError, match="no cost measured at batch size 3"):
+        choose_shape(3, costs, acceptance)
+
+
+def test_measured_costs_and_calibrated_acceptance_on_a_real_pair():
+    torch.manual_seed(0)
+    target = GPT(GPTConfig(vocab_size=64, n_layer=4, dim=64, n_head=4)).eval()
+    draft = early_exit(target, 1)
+    costs = measure_costs(target, draft, batch_sizes=[1, 4], token_counts=[1, 2, 3, 5, 7], repeats=2)
+    assert all(ms > 0 for table in costs.values() for ms in table.values())
+    prompts = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    acceptance = calibrate_acceptance(target, draft, "rrs", ks=[1, 2], max_depth=3, prompts=prompts,
+                                      max_new_tokens=24, seed=0, device="cpu")
+    assert set(acceptance) == {1, 2} and all(len(a) == 3 for a in acceptance.values())
+    choice = choose_shape(1, costs, acceptance)
+    assert 0 <= choice.depth <= 3 and choice.tokens_per_second > 0
+    if choice.depth:  # the chosen shape runs
+        Engine(target, draft, verifier="rrs", num_drafts=choice.num_drafts, depth=choice.depth, device="cpu").generate(prompts, 4, seed=0)
+    assert math.isfinite(choice.block_efficiency)
+
+
+def test_calibration_estimates_the_engine_overhead():
+    torch.manual_seed(0)
+    target = GPT(GPTConfig(vocab_size=64, n_layer=2, dim=32, n_head=4)).eval()
+    draft = early_exit(target, 1)
+    costs = measure_costs(target, draft, batch_sizes=[2], token_counts=[1, 2, 5], repeats=1)
+    prompts = [[1, 2, 3], [4, 5]]
+    acceptance, overhead = calibrate_acceptance(target, draft, "rrs", ks=[2], max_depth=2, prompts=prompts,
+                                                max_new_tokens=8, seed=0, device="cpu", costs=costs)
+    assert len(acceptance[2]) == 2 and overhead >= 0
+    assert choose_shape(2, costs, acceptance, overhead_ms=overhead).round_ms > 0
