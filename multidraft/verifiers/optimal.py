@@ -1,0 +1,281 @@
+"""An optimal verifier for k i.i.d. drafts: select one draft by a bid race, then speculate.
+
+Its acceptance equals the max-flow bound ``1 - max_T [q(T)^k - p(T)]`` of
+``md.proofs.optimal_acceptance``, at one sort of V plus O(k V) work per Newton step.  The
+algorithm, its cost and the proofs of exactness and optimality are in
+docs/verifiers/optimal.md.
+
+p is the target law, q the draft law, drafts x_1..x_k i.i.d. from q.
+
+1. **Select** one draft by a bid race: every token y has a scale ``phi(y) > 0``; draft i bids
+   ``U_i * phi(x_i)`` with U_i ~ Uniform(0, 1) independent, and the highest bid wins.  The law
+   s of the winning token has a closed form (``race_marginal``).  ``optimal_plan`` picks the
+   scales so that ``s <= p`` on the tokens H outside the optimal cut T* and ``s >= p`` on T*.
+2. **Speculate** from s to p as with one draft: keep the winner y with probability
+   ``min(1, p(y) / s(y))``, else emit from ``normalize(max(p - s, 0))``.  Exact for *any*
+   scales, because this step only needs the law of its proposal, and that law is s: the
+   scales decide how much is accepted, never whether the output law is p.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy
+import torch
+from torch import Tensor
+
+from .base import (
+    Verdict,
+    Verifier,
+    first_match,
+    register_verifier,
+    sample_categorical,
+    sample_from_weights,
+)
+
+# Newton steps for the join equation, after a quadratic upper bound that is exact for k = 2.
+NEWTON_STEPS = 4
+# Floor on one join's log-scale drop.  A drop this deep marks a group that ran out (a tight set,
+# such as H above T*): the tokens below then beat it with probability <= exp(-SEG_FLOOR) ~ 4e-18.
+SEG_FLOOR = 40.0
+MIN_LOG_SCALE = -600.0  # floor on log scales, keeping exp(+-log scale) finite in float64
+
+
+class Plan(NamedTuple):
+    """What the bid race needs per token, in float64."""
+
+    log_scale: Tensor  # [B, V] log phi; the highest p/q first, non-increasing
+    marginal: Tensor  # [B, V] s: the law of the winner (0 where q = 0)
+
+
+def _descending_order(x: Tensor) -> Tensor:
+    """argsort of each row, largest first [B, V] (numpy on the CPU: several times faster)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(numpy.argsort(-x.detach().numpy(), axis=-1))
+    return x.argsort(dim=-1, descending=True)
+
+
+def _power(x: Tensor, n: int) -> Tensor:
+    """x**n for an int n >= 0 by repeated squaring (several times faster than pow on the CPU)."""
+    out, base = None, x
+    while n:
+        if n & 1:
+            out = base if out is None else out * base
+        n >>= 1
+        if n:
+            base = base * base
+    return torch.ones_like(x) if out is None else out
+
+
+def _power_sum(a: Tensor, b: Tensor, k: int, b_powers: list[Tensor] | None = None) -> Tensor:
+    """sum_{j<k} a^j b^(k-1-j) = (a^k - b^k) / (a - b), without the cancellation.
+
+    ``b_powers``, if given, is [b, b^2, ..., b^(k-1)].
+    """
+    total, b_pow = torch.ones_like(a), None
+    for m in range(k - 1):  # Horner: total <- total * a + b^(m + 1)
+        if b_powers is not None:
+            b_pow = b_powers[m]
+        else:
+            b_pow = b if b_pow is None else b_pow * b
+        total = torch.addcmul(b_pow, total, a)
+    return total
+
+
+def _shift_right(x: Tensor) -> Tensor:
+    """out[:, i] = x[:, i - 1], out[:, 0] = 0."""
+    return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=-1)
+
+
+def _suffix_sum(x: Tensor) -> Tensor:
+    """out[:, i] = sum of x[:, i:]."""
+    return x.flip(-1).cumsum(-1).flip(-1)
+
+
+def race_marginal(qs: Tensor, log_scale: Tensor, k: int) -> Tensor:
+    """Law [B, V] of the winner of the bid race, positions sorted by non-increasing scale.
+
+    ``qs`` is q in that order.  With ``G(u) = sum_z q(z) min(1, u / phi(z))`` the chance that one
+    draft bids below u, ``s(y) = k q(y) / phi(y) * integral_0^phi(y) G(u)^(k-1) du``.  G is
+    linear between consecutive scales, so with ``beta_i = sum_{l <= i} q_l / phi_l``
+    ``s_i = q_i / phi_i * sum_{m >= i} phi_m * d_m``, where
+    ``d_m = (G(phi_m)^k - G(phi_{m+1})^k) / (phi_m beta_m)
+          = (1 - phi_{m+1} / phi_m) * sum_j G(phi_m)^j G(phi_{m+1})^(k-1-j)``
+    (G drops by ``(phi_m - phi_{m+1}) beta_m`` on the piece): all terms are >= 0, no cancellation.
+    """
+    phi = log_scale.exp()  # [B, V]
+    inv_phi = 1 / phi
+    slope = phi * (qs * inv_phi).cumsum(dim=-1)  # phi_i beta_i
+    lower = torch.cat([_suffix_sum(qs)[:, 1:], torch.zeros_like(qs[:, :1])], dim=-1)  # mass after i
+    step = torch.cat([log_scale[:, 1:] - log_scale[:, :-1], torch.full_like(qs[:, :1], float("-inf"))], dim=-1)
+    g_at = lower + slope  # [B, V] G(phi_i)
+    g_next = lower + slope * step.exp()  # [B, V] G(phi_{i+1}); G(0) = 0 after the last
+    piece = torch.expm1(step).neg_() * _power_sum(g_at, g_next, k)  # d_i
+    return qs * inv_phi * _suffix_sum(phi * piece)
+
+
+def _join_lengths(base: Tensor, sigma: Tensor, deficit: Tensor, group: Tensor, k: int) -> Tensor:
+    """The largest root L in [0, group] of ``(base + L)^k - base^k - sigma L = deficit``.
+
+    L is the length the group has left when a token of ratio sigma joins it: the win-mass of
+    the levels [base, base + L] less what sigma pays for them must equal the group's deficit.
+    The left side is convex in L with non-negative coefficients past the linear one, so the
+    root of its quadratic part bounds the root from above, and is sharp where the root is
+    nearly double (a group about to run out, the hard case).  From there Newton on the
+    k-th-root form ``L = (sigma L + deficit) / h_k(tau, base)``,
+    ``tau = (base^k + sigma L + deficit)^(1/k)``, convex and nearly linear, falls monotonically
+    to the root.  Every term keeps its relative precision when L is small.
+    """
+    b_powers = [base]
+    for _ in range(k - 2):
+        b_powers.append(b_powers[-1] * base)  # base^1 .. base^(k-1)
+    base_k2 = b_powers[k - 3] if k > 2 else torch.ones_like(base)
+    a2 = k * (k - 1) / 2 * base_k2  # coefficient of L^2
+    a1 = k * b_powers[-1] - sigma  # of L
+    disc = (a1 * a1 + 4 * a2 * deficit).sqrt()
+    # the positive root of a2 L^2 + a1 L = deficit, in its cancellation-free form for either sign
+    quad = torch.where(a1 >= 0, 2 * deficit / (a1 + disc), (disc - a1) / (2 * a2))
+    length = torch.fmin(group, quad)  # fmin: a nan bound (0 / 0) leaves the group length
+    if k == 2:  # the quadratic is the equation
+        return length
+    base_k = b_powers[-1] * base
+    for _ in range(NEWTON_STEPS):
+        rise = torch.addcmul(deficit, sigma, length)
+        log_tau = (base_k + rise).log_().div_(k)
+        h = length - rise / _power_sum(log_tau.exp(), base, k, b_powers)
+        slope = 1 - sigma / k * log_tau.mul_(1 - k).exp_()  # H'(L), > 0 right of the root
+        length = torch.fmin(length - h / slope, length).clamp_(min=0)  # never up; nan: stay
+    return length
+
+
+def optimal_plan(p: Tensor, q: Tensor, k: int) -> Plan:
+    """Scales of a bid race whose winner law s has ``s <= p`` outside the optimal cut T* and
+    ``s >= p`` on it, and that law s (docs/verifiers/optimal.md, "Algorithm")."""
+    p = p.to(torch.float64)
+    q = q.to(torch.float64)
+    if k == 1:  # the only draft always wins: s = q
+        return Plan(torch.zeros_like(q), q.clone())
+    vocab = p.shape[1]
+    ratio = (p / q).nan_to_num(nan=float("inf"))  # [B, V]; q = 0 gives inf
+    order = _descending_order(ratio)  # [B, V] highest p/q first
+    rs, qs, ps = ratio.gather(1, order), q.gather(1, order), p.gather(1, order)
+    pos = torch.arange(vocab, device=p.device)
+
+    # 1. The optimal cut: T* = {positions >= cut}, the largest T maximizing q(T)^k - p(T).
+    q_below = _suffix_sum(qs)  # [B, V] q-mass of positions >= i
+    value = (_power(q_below.clamp(max=1), k) - _suffix_sum(ps)).masked_fill_(qs == 0, float("-inf"))
+    best, cut = value.max(dim=-1, keepdim=True)  # first maximum: the largest T
+    cut = torch.where(best >= 0, cut, vocab)  # [B, 1]; T* = {} when every T loses to the empty one
+    in_t = (pos >= cut).to(p.dtype)  # [B, V] 1 on T*, 0 on H
+    in_h = 1 - in_t
+    top_h = q_below[:, :1]  # level at the top: the total q-mass
+    a = torch.cat([q_below, q_below[:, :1] * 0], dim=-1).gather(1, cut)  # [B, 1] q(T*)
+    top = top_h + (a - top_h) * in_t  # [B, V] level at the top of the position's block
+    mass_h, mass_t = _power(top_h, k) - _power(a, k), _power(a, k)  # what H and T* win
+
+    def before(x: Tensor) -> Tensor:
+        """Sum of x over the positions of i's block (H or T*) before i, summed from the block's
+        top so that small sums keep their relative precision."""
+        return _shift_right((x * in_h).cumsum(-1)) * in_h + _shift_right((x * in_t).cumsum(-1))
+
+    q_group, p_group = before(qs), before(ps)  # [B, V]
+    q_in, p_in = q_group + qs, p_group + ps  # through i
+
+    # 2. Targets: min(p, c q) on H with c such that H wins mass_h; max(p, c' q) on T*.
+    p_h = (ps * in_h).sum(dim=-1, keepdim=True)  # [B, 1] p(H)
+    over = rs * q_in + (p_h - p_in)  # [B, V] sum_H min(p, r_i q); nan where q_in = 0
+    j = (((over > mass_h) | (qs == 0)) & (pos < cut)).sum(dim=-1, keepdim=True)  # capped: pos < j
+    last = (j - 1).clamp(min=0)
+    cap = (mass_h - p_h + p_in.gather(1, last)) / q_in.gather(1, last)  # [B, 1]
+    cap = torch.where(j > 0, cap, 0.0).nan_to_num(nan=0.0, posinf=0.0)
+    under = p_group + rs * q_below  # [B, V] sum_T* max(p, r_i q)
+    jt = (cut + ((under > mass_t) & (pos >= cut)).sum(dim=-1, keepdim=True)).clamp(max=vocab - 1)
+    floor = ((mass_t - p_group.gather(1, jt)) / q_below.gather(1, jt)).nan_to_num(nan=0.0, posinf=0.0)
+    capped = (pos < j).to(p.dtype)
+    target = ps + capped * (torch.minimum(ps, cap * qs) - ps)  # H: min(p, c q) before j, else p
+    target = target + in_t * (torch.maximum(ps, floor * qs) - target)  # T*: max(p, c' q)
+
+    # 3. Processor sharing down each block: i joins the group of its block's earlier positions
+    # when the group, with length L left, has win-mass sigma_i * L left (docs: Algorithm, step 3).
+    sigma = (target / qs).nan_to_num(nan=0.0)
+    s_group = before(target)
+    base = top - q_group  # level where the group would run out alone
+    deficit = (q_group * _power_sum(top, base, k) - s_group).clamp(min=0)
+    left = _join_lengths(base, sigma, deficit, q_group, k)  # [B, V]; 0 at a block's top
+    left_before = _shift_right(left + qs)  # the group's length left at the previous join
+    seg = (torch.minimum(left, left_before) / left_before).log().clamp(min=-SEG_FLOOR).nan_to_num(nan=0.0)
+    log_scale = seg.cumsum(dim=-1)
+    # T* starts SEG_FLOOR below H's lowest scale: every tuple with a token of H selects one,
+    # except with probability <= exp(-SEG_FLOOR)
+    h_low = log_scale.gather(1, (cut - 1).clamp(min=0))
+    t_top = log_scale.gather(1, cut.clamp(max=vocab - 1))
+    log_scale = (log_scale + in_t * (h_low - SEG_FLOOR - t_top)).clamp(min=MIN_LOG_SCALE)
+
+    marginal = race_marginal(qs, log_scale, k)
+    return Plan(torch.empty_like(log_scale).scatter_(1, order, log_scale),
+                torch.empty_like(marginal).scatter_(1, order, marginal))
+
+
+def race_win_probabilities(log_scale: Tensor) -> Tensor:
+    """P(draft i wins the bid race) [B, k] from the drafts' log scales [B, k].
+
+    With the drafts sorted by scale (phi_1 >= ... >= phi_k), the top bid lies in
+    [phi_{j+1}, phi_j] with probability (phi_j^j - phi_{j+1}^j) / (phi_1 ... phi_j)
+    (phi_{k+1} = 0), and is then equally likely to be any of the first j bids.
+    """
+    ordered, idx = log_scale.sort(dim=-1, descending=True)  # [B, k]
+    k = log_scale.shape[1]
+    j = torch.arange(1, k + 1, device=log_scale.device, dtype=log_scale.dtype)  # [k]
+    c = ordered.cumsum(dim=-1)  # [B, k]
+    nxt = torch.cat([ordered[:, 1:], torch.full_like(ordered[:, :1], float("-inf"))], dim=-1)
+    term = ((j * ordered - c).exp() - (j * nxt - c).exp()) / j  # [B, k]
+    win_sorted = term.flip(-1).cumsum(-1).flip(-1)
+    return torch.empty_like(win_sorted).scatter_(1, idx, win_sorted)
+
+
+def _keep_probability(p64: Tensor, marginal: Tensor, token: Tensor) -> Tensor:
+    """min(1, p / s) at ``token`` [B, n]."""
+    px, sx = p64.gather(1, token), marginal.gather(1, token)
+    return torch.where(sx > px, px / torch.where(sx > 0, sx, 1.0), 1.0)
+
+
+def _residual(p64: Tensor, marginal: Tensor) -> Tensor:
+    """normalize(max(p - s, 0)) [B, V]; p where it has no mass (reached with probability 0)."""
+    residual = (p64 - marginal).clamp(min=0)
+    mass = residual.sum(dim=-1, keepdim=True)
+    return torch.where(mass > 0, residual / torch.where(mass > 0, mass, 1.0), p64)
+
+
+@register_verifier("optimal")
+class Optimal(Verifier):
+    """Optimal acceptance for k i.i.d. drafts: bid-race selection, then speculative sampling."""
+
+    iid_drafts = True
+
+    def _draft(self, q, k, generator):
+        return sample_categorical(q, k, generator)  # [B, k]
+
+    def _draft_probability(self, q, drafts):
+        return q.gather(1, drafts).prod(dim=1)  # [B]
+
+    def _kernel(self, p, q, drafts):
+        plan = optimal_plan(p, q, drafts.shape[1])
+        p64 = p.to(torch.float64)
+        win = race_win_probabilities(plan.log_scale.gather(1, drafts))  # [B, k]
+        keep = _keep_probability(p64, plan.marginal, drafts)  # [B, k]
+        kern = torch.zeros_like(p64).scatter_add_(1, drafts, win * keep)
+        rejected = (win * (1 - keep)).sum(dim=-1, keepdim=True)  # [B, 1]
+        return (kern + rejected * _residual(p64, plan.marginal)).to(p.dtype)
+
+    def _verify(self, p, q, drafts, generator):
+        plan = optimal_plan(p, q, drafts.shape[1])
+        p64 = p.to(torch.float64)
+        u = torch.rand(drafts.shape, generator=generator, device=p.device, dtype=torch.float64)
+        bids = u.log() + plan.log_scale.gather(1, drafts)  # [B, k]: log of U_i * phi(x_i)
+        winner = drafts.gather(1, bids.argmax(dim=1, keepdim=True))  # [B, 1]
+        keep = _keep_probability(p64, plan.marginal, winner)  # [B, 1]
+        coin = torch.rand(keep.shape, generator=generator, device=p.device, dtype=torch.float64)
+        fallback = sample_from_weights(_residual(p64, plan.marginal), generator)  # [B]
+        token = torch.where((coin < keep).squeeze(1), winner.squeeze(1), fallback)
+        return Verdict(token, first_match(drafts, token))

@@ -1,0 +1,174 @@
+"""The `optimal` verifier: exact, and its acceptance equals the max-flow bound.
+
+The generic suites (test_exactness, test_statistical, test_validation) cover it through the
+registry; here: the optimum itself, the bid-race formulas behind exactness for *any* scales,
+the root solver, and large vocabularies where enumeration is impossible.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import multidraft as md
+from multidraft.proofs.cases import CASES
+from multidraft.proofs.enumeration import all_tuples
+from multidraft.verifiers.optimal import (
+    _join_lengths,
+    optimal_plan,
+    race_marginal,
+    race_win_probabilities,
+)
+
+OPTIMAL_TOL = 1e-9  # acceptance against optimal_acceptance
+EXACT_TOL = 1e-12  # output law against p, by enumeration
+MAX_TUPLES = 1300
+
+
+def _random_case(g: torch.Generator, kind: int):
+    """(p, q, k) for small V, cycling through kinds that stress different corners."""
+    vocab = int(torch.randint(1, 7, (1,), generator=g))
+    k = int(torch.randint(1, 6, (1,), generator=g))
+    while vocab**k > MAX_TUPLES:
+        k -= 1
+    if kind == 0:  # zeros in p and q
+        p = torch.rand(vocab, generator=g, dtype=torch.float64) * (torch.rand(vocab, generator=g) < 0.6)
+        q = torch.rand(vocab, generator=g, dtype=torch.float64) * (torch.rand(vocab, generator=g) < 0.6)
+    elif kind == 1:  # small integers: exact ties of ratios and of optimal cuts
+        p = torch.randint(0, 3, (vocab,), generator=g).double()
+        q = torch.randint(0, 3, (vocab,), generator=g).double()
+    elif kind == 2:  # p == q
+        p = torch.rand(vocab, generator=g, dtype=torch.float64)
+        q = p.clone()
+    else:  # peaked
+        p = torch.rand(vocab, generator=g, dtype=torch.float64) ** 6
+        q = torch.rand(vocab, generator=g, dtype=torch.float64) ** 6
+    if p.sum() == 0:
+        p[0] = 1.0
+    if q.sum() == 0:
+        q[-1] = 1.0
+    return p / p.sum(), q / q.sum(), k
+
+
+def _llm_like(batch: int, vocab: int, seed: int, noise: float, scale: float):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, vocab, generator=g, dtype=torch.float64) * scale
+    p = logits.softmax(-1)
+    q = (logits + noise * torch.randn(batch, vocab, generator=g, dtype=torch.float64)).softmax(-1)
+    return p, q
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_acceptance_is_optimal_on_corner_cases(case, k):
+    p, q = CASES[case]
+    if p.shape[0] ** k > MAX_TUPLES:
+        pytest.skip("too many tuples to enumerate")
+    verifier = md.get_verifier("optimal")
+    rate = md.proofs.acceptance_rate(verifier, p, q, k)
+    assert rate == pytest.approx(md.proofs.optimal_acceptance(p, q, k), abs=OPTIMAL_TOL)
+    out = md.proofs.output_distribution(verifier, p, q, k)
+    torch.testing.assert_close(out, p, rtol=0, atol=EXACT_TOL)
+
+
+def test_random_small_cases_are_exact_and_optimal():
+    g = torch.Generator().manual_seed(2024)
+    verifier = md.get_verifier("optimal")
+    for trial in range(200):
+        p, q, k = _random_case(g, trial % 4)
+        out = md.proofs.output_distribution(verifier, p, q, k)
+        assert float((out - p).abs().max()) <= EXACT_TOL, (p, q, k)
+        rate = md.proofs.acceptance_rate(verifier, p, q, k)
+        assert rate == pytest.approx(md.proofs.optimal_acceptance(p, q, k), abs=OPTIMAL_TOL), (p, q, k)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_accepts_at_least_as_often_as_every_other_iid_verifier(case):
+    p, q = CASES[case]
+    for k in [2, 3]:
+        if p.shape[0] ** k > MAX_TUPLES:
+            continue
+        best = md.proofs.acceptance_rate(md.get_verifier("optimal"), p, q, k)
+        for name in md.available_verifiers():
+            other = md.get_verifier(name)
+            if name == "optimal" or not other.iid_drafts or other.distinct_drafts:
+                continue
+            if other.max_drafts is not None and k > other.max_drafts:
+                continue
+            assert best >= md.proofs.acceptance_rate(other, p, q, k) - 1e-12, name
+
+
+def test_one_draft_is_standard_speculative_sampling():
+    p, q = CASES["v6-dirichlet-a"]
+    drafts = torch.arange(6).unsqueeze(1)
+    ours = md.get_verifier("optimal").kernel(p.expand(6, -1), q.expand(6, -1), drafts)
+    single = md.get_verifier("single").kernel(p.expand(6, -1), q.expand(6, -1), drafts)
+    torch.testing.assert_close(ours, single, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_race_marginal_is_the_winner_law_for_any_scales(seed):
+    """Exactness rests on race_marginal being the law of race_win_probabilities' winner,
+    whatever the scales: check it by enumerating every tuple, ties and zeros included."""
+    g = torch.Generator().manual_seed(seed)
+    vocab, k = 5, [2, 3, 4][seed % 3]
+    q = torch.rand(vocab, generator=g, dtype=torch.float64) * (torch.rand(vocab, generator=g) < 0.8)
+    q[0] += 0.1
+    q = q / q.sum()
+    log_scale = -torch.rand(vocab, generator=g, dtype=torch.float64) * [0.5, 5.0, 60.0][seed % 3]
+    log_scale[1] = log_scale[2]  # a tie
+    log_scale = log_scale.sort(descending=True).values  # race_marginal takes positions in scale order
+    s = race_marginal(q.unsqueeze(0), log_scale.unsqueeze(0), k)[0]
+    tuples = all_tuples(vocab, k)
+    prob = q[tuples].prod(dim=1)  # [N]
+    win = race_win_probabilities(log_scale[tuples])  # [N, k]
+    torch.testing.assert_close(win.sum(dim=1), torch.ones(len(tuples), dtype=torch.float64), rtol=0, atol=1e-14)
+    weight = (prob[:, None] * win).flatten()
+    enumerated = torch.zeros(vocab, dtype=torch.float64).index_add_(0, tuples.flatten(), weight)
+    torch.testing.assert_close(s, enumerated, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("k", [3, 4, 8, 16])
+def test_join_solver_finds_the_largest_root(k):
+    g = torch.Generator().manual_seed(k)
+    n = 2000
+    base = torch.rand(n, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    root = torch.rand(n, generator=g, dtype=torch.float64) ** 4 * (1 - base)  # down to ~1e-10
+    # mean slope of (base + L)^k over [base, base + root], summed without cancellation
+    mean_slope = sum((base + root) ** j * base ** (k - 1 - j) for j in range(k))
+    sigma = mean_slope * (1 - torch.rand(n, generator=g, dtype=torch.float64) ** 0.3 * 0.999)  # up to near-double
+    deficit = root * (mean_slope - sigma)  # = (base + root)^k - base^k - sigma root
+    keep = torch.ones(n, dtype=torch.bool)
+    group = root + torch.rand(n, generator=g, dtype=torch.float64) * (1 - base - root)
+    found = _join_lengths(base[keep], sigma[keep], deficit[keep], group[keep], k)
+    torch.testing.assert_close(found, root[keep], rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 8, 16])
+@pytest.mark.parametrize("noise,scale", [(0.3, 3.0), (1.0, 1.0), (1.0, 3.0), (3.0, 3.0)])
+def test_large_vocabulary_reaches_the_bound(k, noise, scale):
+    p, q = _llm_like(4, 32_000, seed=10 * k + int(noise * 3), noise=noise, scale=scale)
+    plan = optimal_plan(p, q, k)
+    s = plan.marginal
+    assert bool((s >= 0).all())
+    torch.testing.assert_close(s.sum(dim=-1), torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-10)
+    accept = torch.minimum(s, p).sum(dim=-1)
+    torch.testing.assert_close(accept, md.proofs.optimal_acceptance(p, q, k), rtol=0, atol=OPTIMAL_TOL)
+
+
+def test_batch_rows_are_independent():
+    p, q = _llm_like(5, 300, seed=1, noise=1.0, scale=2.0)
+    p[2], q[2] = CASES["v6-tied-ratios"][0].repeat(50) / 50, CASES["v6-tied-ratios"][1].repeat(50) / 50
+    plan = optimal_plan(p, q, 3)
+    for b in range(5):
+        one = optimal_plan(p[b : b + 1], q[b : b + 1], 3)
+        torch.testing.assert_close(plan.marginal[b : b + 1], one.marginal, rtol=0, atol=1e-15)
+        torch.testing.assert_close(plan.log_scale[b : b + 1], one.log_scale, rtol=0, atol=1e-12)
+
+
+def test_float32_inputs_reach_the_bound():
+    # float32 rows sum to 1 only within ~1e-7, so the bound holds to that accuracy
+    p, q = _llm_like(2, 1000, seed=3, noise=1.0, scale=3.0)
+    plan = optimal_plan(p.float(), q.float(), 4)
+    accept = torch.minimum(plan.marginal, p.float().double()).sum(dim=-1)
+    torch.testing.assert_close(accept, md.proofs.optimal_acceptance(p, q, 4), rtol=0, atol=1e-6)
