@@ -32,6 +32,7 @@ __all__ = [
     "get_verifier",
     "register_verifier",
     "sample_from_weights",
+    "sample_from_weights_with",
     "first_match",
 ]
 
@@ -257,9 +258,15 @@ def sample_from_weights(weights: Tensor, generator: torch.Generator | None = Non
     never returned (its CDF step is flat), which keeps every verifier inside p's support.
     Every row must have positive total weight.
     """
+    u = torch.rand((weights.shape[0], 1), generator=generator, device=weights.device, dtype=weights.dtype)
+    return sample_from_weights_with(weights, u)
+
+
+def sample_from_weights_with(weights: Tensor, u: Tensor) -> Tensor:
+    """``sample_from_weights`` driven by given uniforms u [B, 1] in [0, 1): the same token
+    for the same u.  Lets a caller draw its uniforms up front and use only some rows."""
     cdf = weights.cumsum(dim=-1)  # [B, V]
     total = cdf[:, -1:]  # [B, 1]
-    u = torch.rand(total.shape, generator=generator, device=weights.device, dtype=weights.dtype)
     # Keep the target strictly below the total so rounding can never step past the last
     # token of positive weight.
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
