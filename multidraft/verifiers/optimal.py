@@ -252,6 +252,13 @@ class Optimal(Verifier):
     """Optimal acceptance for k i.i.d. drafts: bid-race selection, then speculative sampling."""
 
     iid_drafts = True
+    exact_acceptance = True
+
+    def _expected_acceptance(self, p, q, k):
+        # The speculative step keeps the winner y with probability min(1, p(y)/s(y)), so the
+        # acceptance is sum_y min(s(y), p(y)) for the plan's winner law s.
+        s = optimal_plan(p, q, k).marginal.to(p.dtype)
+        return torch.minimum(s, p).sum(dim=-1)
 
     def _draft(self, q, k, generator):
         return sample_categorical(q, k, generator)  # [B, k]
