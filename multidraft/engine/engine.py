@@ -306,6 +306,16 @@ def check_deep_tree_support(verifier: Verifier, depth: int) -> None:
     )
 
 
+def seeded_generator(device, seed: int | None) -> torch.Generator:
+    """A generator on ``device``: seeded for reproducible runs, from OS entropy when seed is None."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
 class Engine:
     """Token-tree speculative decoding: ``Engine(target, draft, verifier="rrs", num_drafts=2, depth=3)``.
 
@@ -357,11 +367,7 @@ class Engine:
         if n == 0:
             return GenerationOutput(torch.zeros(bsz, 0, dtype=torch.long, device=device), torch.zeros(bsz, dtype=torch.long, device=device), stats)
         started = time.perf_counter()
-        generator = torch.Generator(device=device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
+        generator = seeded_generator(device, seed)
         verifier = _GreedyMatch(validate_args=False) if sampling.greedy else self.verifier
 
         # Explicit cache setup.  A request below n tokens adds at most depth + 1, so sequences
@@ -438,11 +444,7 @@ def autoregressive_generate(model, prompt_ids, max_new_tokens: int, temperature:
     bsz, t_max, n = prompts.shape[0], prompts.shape[1], max_new_tokens
     stats = GenerationStats()
     started = time.perf_counter()
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    generator = seeded_generator(device, seed)
     cache = model.new_cache(bsz, t_max + n + 1, device)
     seq = torch.zeros(bsz, t_max + n + 2, dtype=torch.long, device=device)  # last column: trash
     seq[:, :t_max] = prompts
