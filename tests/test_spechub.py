@@ -17,7 +17,16 @@ from scipy.optimize import linprog
 
 import multidraft as md
 from multidraft.proofs.cases import CASES
-from multidraft.verifiers.spechub import hub_plan
+from multidraft.verifiers.base import CDF_BLOCK
+from multidraft.verifiers.spechub import (
+    _verify_dense,
+    _verify_shrinking,
+    draft_test,
+    hub_acceptance,
+    hub_stats,
+    hub_and_rest,
+    spare_masses,
+)
 
 TOL = 1e-12
 SH = md.get_verifier("spechub")
@@ -187,7 +196,7 @@ def test_drafts_always_hold_the_hub():
 
 def test_ties_take_the_first_index_as_hub():
     q = torch.tensor([[0.1, 0.3, 0.3, 0.3]], dtype=torch.float64)
-    assert int(hub_plan(q, q).hub) == 1
+    assert int(hub_stats(q).hub) == 1
     assert float(SH.draft_probability(q, torch.tensor([[2, 1]]))) == pytest.approx(0.3)
     assert float(SH.draft_probability(q, torch.tensor([[2, 3]]))) == 0  # 3 is not the hub
     drafts = SH.draft(q.expand(2000, -1), 2, generator=torch.Generator().manual_seed(0))
@@ -262,15 +271,15 @@ def test_first_draft_gets_ordinary_speculative_sampling():
 
 def test_residual_never_holds_the_hub_or_a_draft():
     for p, q in ALL_CASES[::4]:
-        plan = hub_plan(p[None], q[None])
-        assert float(plan.residual[0, int(plan.hub)]) == 0
+        stats = hub_stats(q[None])
+        spare = spare_masses(p[None], q[None], stats)
+        assert float(spare.residual[0, int(stats.hub)]) == 0
         tuples, _ = md.proofs.enumeration.draft_law(SH, q, 2)
         for tup in tuples.tolist():
-            _, _, _, reject = md.verifiers.spechub.decision_probabilities(
-                p[None], q[None], torch.tensor([tup]), plan
-            )
+            test = draft_test(p[None], q[None], torch.tensor([tup]), stats)
+            reject = (1 - test.accept_x) * (1 - hub_acceptance(spare, test.hub_first))
             if float(reject) > 1e-12:  # the residual is reached: it holds neither draft
-                assert float(plan.residual[0, tup[0]]) == 0 and float(plan.residual[0, tup[1]]) == 0
+                assert float(spare.residual[0, tup[0]]) == 0 and float(spare.residual[0, tup[1]]) == 0
 
 
 def test_batched_kernel_equals_rows():
@@ -341,3 +350,45 @@ def test_draft_frequencies_follow_draft_probability(row, dtype):
     sigma = (prob * (1 - prob) / n).sqrt()
     assert bool(((freq - prob).abs() <= 6 * sigma + 1e-12).all()), (freq, prob)
     assert bool((freq[prob == 0] == 0).all())
+
+
+@pytest.mark.parametrize("vocab", [4 * CDF_BLOCK, 4 * CDF_BLOCK + 1, 3000, 32000 + 77])
+def test_blocked_hub_search_equals_max(vocab):
+    # The blocked hub search must give q.max's answer exactly: the first maximal index, ties
+    # too, and R must not cancel when the hub dominates its block.
+    gen = torch.Generator().manual_seed(vocab)
+    q = torch.rand(64, vocab, generator=gen, dtype=torch.float64)
+    q[1] = 1.0  # every token tied: the hub is 0
+    q[2, -1] = 5.0  # the maximum in the tail past the last whole block
+    q[3, [5, vocab - 1]] = 5.0  # tied between the first block and the tail: the first wins
+    q[4, [CDF_BLOCK + 3, 3 * CDF_BLOCK + 1]] = 5.0  # tied between two blocks
+    q[5, [CDF_BLOCK - 1, CDF_BLOCK]] = 5.0  # tied across a block boundary
+    q[6] = torch.round(q[6] * 3)  # many ties
+    q[7] = 0.0
+    q[7, [2 * CDF_BLOCK + 9, 2 * CDF_BLOCK + 10]] = torch.tensor([1.0, 1e-12], dtype=torch.float64)
+    q[8] = 0.0
+    q[8, -1] = 1.0  # one-hot in the tail: R = 0
+    values, index = q.max(dim=-1, keepdim=True)
+    hub, q_hub, rest = hub_and_rest(q)
+    assert torch.equal(hub, index) and torch.equal(q_hub, values)
+    expected_rest = q.scatter(1, index, 0.0).sum(dim=-1, keepdim=True)
+    torch.testing.assert_close(rest, expected_rest, rtol=1e-13, atol=0)
+    assert float(rest[7]) == 1e-12 and float(rest[8]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dense_and_shrinking_paths_agree(dtype):
+    # CPU verify skips the later tests for rows that accept early; the accelerator path
+    # computes everything.  Given the same uniforms they emit the same tokens.
+    gen = torch.Generator().manual_seed(11)
+    logits = 3 * torch.randn(512, 700, generator=gen, dtype=dtype)
+    p = logits.softmax(-1)
+    q = (logits + torch.randn(512, 700, generator=gen, dtype=dtype)).softmax(-1)
+    q[:8] = torch.nn.functional.one_hot(q[:8].argmax(-1), 700).to(dtype)  # (a, a) tuples
+    p[8:16] = q[8:16]  # every draft accepted
+    drafts = SH.draft(q, 2, generator=gen)
+    u = torch.rand((512, 3), generator=gen, dtype=dtype)
+    dense, shrinking = _verify_dense(p, q, drafts, u), _verify_shrinking(p, q, drafts, u)
+    assert torch.equal(dense, shrinking)
+    taken = torch.stack([(shrinking == drafts[:, 0]), (shrinking == drafts[:, 1])]).any(0)
+    assert 0 < int((~taken).sum()) < 512  # the residual is drawn for some rows, not all

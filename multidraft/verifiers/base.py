@@ -33,6 +33,8 @@ __all__ = [
     "register_verifier",
     "sample_from_weights",
     "sample_from_weights_with",
+    "sample_categorical",
+    "inverse_cdf",
     "first_match",
 ]
 
@@ -254,9 +256,8 @@ def check_drafts(drafts: Tensor, q: Tensor, require_positive_q: bool) -> None:
 def sample_from_weights(weights: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One token per row [B] with probability proportional to the nonnegative ``weights`` [B, V].
 
-    Inverse-CDF sampling: one cumsum and one binary search per row.  A token of weight 0 is
-    never returned (its CDF step is flat), which keeps every verifier inside p's support.
-    Every row must have positive total weight.
+    Inverse-CDF sampling (``inverse_cdf``).  A token of weight 0 is never returned, which
+    keeps every verifier inside p's support.  Every row must have positive total weight.
     """
     u = torch.rand((weights.shape[0], 1), generator=generator, device=weights.device, dtype=weights.dtype)
     return sample_from_weights_with(weights, u)
@@ -265,21 +266,88 @@ def sample_from_weights(weights: Tensor, generator: torch.Generator | None = Non
 def sample_from_weights_with(weights: Tensor, u: Tensor) -> Tensor:
     """``sample_from_weights`` driven by given uniforms u [B, 1] in [0, 1): the same token
     for the same u.  Lets a caller draw its uniforms up front and use only some rows."""
-    cdf = weights.cumsum(dim=-1)  # [B, V]
-    total = cdf[:, -1:]  # [B, 1]
-    # Keep the target strictly below the total so rounding can never step past the last
-    # token of positive weight.
-    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return inverse_cdf(weights, u).squeeze(1)
 
 
 def sample_categorical(q: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
     """k i.i.d. tokens per row [B, k] from the probability rows q [B, V]."""
-    cdf = q.cumsum(dim=-1)  # [B, V]
-    total = cdf[:, -1:]
     u = torch.rand((q.shape[0], k), generator=generator, device=q.device, dtype=q.dtype)
-    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True)
+    return inverse_cdf(q, u)
+
+
+CDF_BLOCK = 128  # tokens per block in the two-level inverse CDF
+
+
+def block_view(x: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """(x's whole blocks as a view [B, V // width, width], the last V mod width columns [B, r]).
+
+    Reductions over the blocks read x once, like one reduction over the row, but leave a
+    [B, V / width] summary that later steps can search instead of the row.
+    """
+    batch, vocab = x.shape
+    whole = vocab - vocab % width
+    return x[:, :whole].reshape(batch, whole // width, width), x[:, whole:]
+
+
+def inverse_cdf(weights: Tensor, u: Tensor, exclude: Tensor | None = None) -> Tensor:
+    """Tokens [B, k]: for each uniform u[b, j] in [0, 1), the first token whose cumulative
+    weight exceeds u[b, j] times the row's total.  ``weights`` [B, V] is nonnegative; with
+    ``exclude`` [B, 1] that column counts as weight 0 (without copying the weights).  Every
+    row must have positive total.
+
+    A token of weight 0 is never returned (its CDF step is flat), which keeps every verifier
+    inside p's support.  For a large V the search runs in two levels: block sums (one read of
+    the row), a search among the blocks, and a cumsum of the chosen block only.  A cumsum over
+    the whole row is a sequential scan, several times dearer than the read, and the two-level
+    search returns the same token up to rounding in the partial sums.
+    """
+    batch, vocab = weights.shape
+    if vocab < 4 * CDF_BLOCK:
+        if exclude is not None:
+            weights = weights.scatter(1, exclude, 0.0)
+        cdf = weights.cumsum(dim=-1)  # [B, V]
+        return _search_cdf(cdf, _below_total(u * cdf[:, -1:], cdf[:, -1:]))
+    blocks, tail = block_view(weights, CDF_BLOCK)
+    block_sums = blocks.sum(dim=-1)  # [B, nb]
+    if tail.shape[1]:
+        block_sums = torch.cat([block_sums, tail.sum(dim=-1, keepdim=True)], dim=1)
+    if exclude is not None:
+        # The excluded column's block is summed again without it (subtracting its weight
+        # from the block sum would cancel when that weight dominates the block).
+        home = exclude // CDF_BLOCK  # [B, 1]
+        home_weights = _block_weights(weights, home, exclude)  # [B, 1, CDF_BLOCK]
+        block_sums = block_sums.scatter(1, home, home_weights.sum(dim=-1))
+    block_cdf = block_sums.cumsum(dim=-1)  # [B, nb]
+    target = _below_total(u * block_cdf[:, -1:], block_cdf[:, -1:])  # [B, k]
+    block = _search_cdf(block_cdf, target)  # [B, k]
+    below = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(target))
+    inside_cdf = _block_weights(weights, block, exclude).cumsum(dim=-1)  # [B, k, CDF_BLOCK]
+    # Rounding can put target - below at or past the block's own total: keep it inside.
+    offset = _search_cdf(inside_cdf, _below_total((target - below).clamp(min=0).unsqueeze(-1), inside_cdf[..., -1:]))
+    return block * CDF_BLOCK + offset.squeeze(-1)
+
+
+def _block_weights(weights: Tensor, block: Tensor, exclude: Tensor | None) -> Tensor:
+    """The weights [B, k, CDF_BLOCK] of the blocks ``block`` [B, k]; columns past V (in a
+    partial last block) and the ``exclude`` column [B, 1] weigh 0."""
+    vocab = weights.shape[1]
+    columns = block.unsqueeze(-1) * CDF_BLOCK + torch.arange(CDF_BLOCK, device=weights.device)
+    inside = weights.gather(1, columns.clamp(max=vocab - 1).flatten(1)).view(columns.shape)
+    keep = columns < vocab
+    if exclude is not None:
+        keep &= columns != exclude.unsqueeze(-1)
+    return torch.where(keep, inside, torch.zeros_like(inside))
+
+
+def _below_total(target: Tensor, total: Tensor) -> Tensor:
+    """target capped just below total: a search for it can then never step past the last
+    token of positive weight."""
+    return torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
+
+
+def _search_cdf(cdf: Tensor, target: Tensor) -> Tensor:
+    """Index [..., k] of the first cdf entry above ``target`` (within the row)."""
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
 
 
 def first_match(drafts: Tensor, token: Tensor) -> Tensor:
