@@ -13,19 +13,39 @@ def _csv(kind):
     return lambda text: [kind(x) for x in text.split(",") if x]
 
 
+def _tree_shapes(text: str) -> list[tuple[int, int]]:
+    """"2x4,4x3" -> [(2, 4), (4, 3)]: k draft sequences x depth D."""
+    shapes = []
+    for item in text.split(","):
+        k, sep, depth = item.lower().partition("x")
+        if not sep or not k.strip().isdigit() or not depth.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"tree shapes are KxD (k sequences of depth D), got {item!r}")
+        shapes.append((int(k), int(depth)))
+    return shapes
+
+
 def cmd_compare(args) -> int:
-    from .reports import CompareConfig, markdown_table, run_compare, write_report
+    from .reports import CompareConfig, run_report, write_report
 
     config = CompareConfig(out_dir=args.out)
-    for key in ("verifiers", "families", "ks", "temperatures", "vocab", "pairs", "seed"):
+    for key in ("verifiers", "families", "ks", "temperatures", "vocab", "pairs", "seed", "tree_shapes",
+                "prompts_file", "hf_target", "hf_draft", "context_length"):
         value = getattr(args, key)
         if value is not None:
             setattr(config, key, value)
-    print(f"comparing {', '.join(config.verifiers)} on {', '.join(config.families)} (V = {config.vocab})", file=sys.stderr)
-    rows = run_compare(config, progress=lambda line: print(line, file=sys.stderr))
-    out = write_report(config, rows)
-    print(markdown_table(rows))
-    print(f"\nreport written to {out}/ (report.md, report.json, acceptance-vs-k.png)")
+    if args.hf_target or args.hf_draft:
+        config.pair = "hf"
+    if args.no_pair:
+        config.pair = None
+    config.engine = not args.no_engine
+    config.costs = not args.no_costs
+    what = ", ".join(([config.pair + " pair"] if config.pair else []) + config.families)
+    print(f"comparing {', '.join(config.verifiers)} on {what}", file=sys.stderr)
+    report = run_report(config, show_progress=not args.quiet)
+    out = write_report(config, report)
+    print((out / "report.md").read_text())
+    plots = ", ".join(sorted(p.name for p in out.glob("*.png")))
+    print(f"report written to {out}/ (report.md, report.json{', ' + plots if plots else ''})")
     return 0
 
 
@@ -118,11 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     compare = sub.add_parser("compare", help="acceptance of every verifier against the optimum (default)")
     compare.add_argument("--verifiers", type=_csv(str), help="comma-separated names (default: all)")
-    compare.add_argument("--families", type=_csv(str), help="comma-separated synthetic families")
+    compare.add_argument("--families", type=_csv(str), help="comma-separated synthetic families (default: all; '' for none)")
     compare.add_argument("--ks", type=_csv(int), help="comma-separated draft counts (default 1,2,3,4,6,8)")
-    compare.add_argument("--temperatures", type=_csv(float), help="comma-separated sampling temperatures (default 0.6,1.0)")
-    compare.add_argument("--vocab", type=int, help="vocabulary size V (default 1000)")
-    compare.add_argument("--pairs", type=int, help="(p, q) pairs per family and temperature (default 1000)")
+    compare.add_argument("--temperatures", type=_csv(float), help="comma-separated sampling temperatures (default 0.3,0.6,1.0)")
+    compare.add_argument("--vocab", type=int, help="vocabulary size V of the synthetic families (default 1000)")
+    compare.add_argument("--pairs", type=int, help="(p, q) pairs per source and temperature (default 1000)")
+    compare.add_argument("--tree-shapes", type=_tree_shapes, help="engine tree shapes KxD, comma-separated (default 1x4,2x1,2x4,4x4)")
+    compare.add_argument("--prompts-file", help="text file, one prompt per line: the model pair's contexts (default: held-out text)")
+    compare.add_argument("--context-length", type=int, help="tokens of context per position (default 64)")
+    compare.add_argument("--hf-target", help="local transformers model directory: the target of the model pair")
+    compare.add_argument("--hf-draft", help="local transformers model directory: the draft of the model pair")
+    compare.add_argument("--no-pair", action="store_true", help="synthetic families only (no model pair, no engine section)")
+    compare.add_argument("--no-engine", action="store_true", help="skip the engine's block-efficiency section")
+    compare.add_argument("--no-costs", action="store_true", help="skip the verify-cost section")
+    compare.add_argument("--quiet", action="store_true", help="no progress bar")
     compare.add_argument("--seed", type=int)
     compare.add_argument("--out", default="multidraft-report", help="report directory")
     compare.set_defaults(run=cmd_compare)

@@ -46,6 +46,7 @@ class GenerationStats:
     draft_passes: int = 0
     new_tokens: int = 0  # tokens returned, summed over requests
     block_efficiency: float = 0.0  # tokens emitted per request per target pass (accepted + 1)
+    block_efficiency_per_request: list[float] = field(default_factory=list)  # the same, request by request
     reached_by_depth: list[int] = field(default_factory=list)  # walks that reached depth d's drafts
     accepted_by_depth: list[int] = field(default_factory=list)  # ... and accepted one of them
     acceptance_by_depth: list[float] = field(default_factory=list)  # accepted / reached per depth
@@ -381,7 +382,8 @@ class Engine:
         seq[:, :t_max] = prompts
         seq_len = prompt_len.clone()  # [B]
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
-        emitted_total = active_rounds = 0
+        emitted_per_request = torch.zeros(bsz, dtype=torch.long, device=device)  # [B]
+        rounds_per_request = torch.zeros(bsz, dtype=torch.long, device=device)  # [B]
 
         while not bool(done.all()):
             active = ~done
@@ -400,8 +402,8 @@ class Engine:
             stats.rounds += 1
             stats.target_passes += 1
             stats.draft_passes += depth
-            emitted_total += int((accepted + 1)[active].sum())
-            active_rounds += int(active.sum())
+            emitted_per_request += torch.where(active, accepted + 1, 0)
+            rounds_per_request += active.long()
 
         # The first n new tokens of each request; cut after an eos.
         j = torch.arange(n, device=device).unsqueeze(0)  # [1, n]
@@ -415,7 +417,8 @@ class Engine:
 
         stats.seconds = time.perf_counter() - started
         stats.new_tokens = int(lengths.sum())
-        stats.block_efficiency = emitted_total / max(active_rounds, 1)
+        stats.block_efficiency = int(emitted_per_request.sum()) / max(int(rounds_per_request.sum()), 1)
+        stats.block_efficiency_per_request = (emitted_per_request / rounds_per_request.clamp(min=1)).tolist()
         stats.acceptance_by_depth = [a / r if r else float("nan") for a, r in zip(stats.accepted_by_depth, stats.reached_by_depth)]
         stats.tokens_per_second = stats.new_tokens / stats.seconds if stats.seconds > 0 else float("inf")
         return GenerationOutput(tokens, lengths, stats)

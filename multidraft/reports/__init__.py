@@ -1,6 +1,29 @@
-"""Acceptance comparison reports: tables, JSON and plots."""
+"""Comparison reports: acceptance against the optimum, engine block efficiency, verify cost."""
 
-from .compare import CompareConfig, Row, markdown_table, run_compare, write_report
+from .compare import (
+    CompareConfig,
+    CostRow,
+    EngineRow,
+    Report,
+    Row,
+    cost_table,
+    engine_table,
+    markdown_table,
+    run_report,
+    write_report,
+)
 from .families import FAMILIES
 
-__all__ = ["CompareConfig", "FAMILIES", "Row", "markdown_table", "run_compare", "write_report"]
+__all__ = [
+    "FAMILIES",
+    "CompareConfig",
+    "CostRow",
+    "EngineRow",
+    "Report",
+    "Row",
+    "cost_table",
+    "engine_table",
+    "markdown_table",
+    "run_report",
+    "write_report",
+]

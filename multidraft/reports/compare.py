@@ -1,12 +1,19 @@
-"""Acceptance-rate comparison of verifiers against the optimal bound.
+"""The comparison report: which verifier accepts most, how close to the optimum, at what cost.
 
-For every family, temperature, verifier and draft count k, the acceptance (probability that the
-emitted token is a draft) is averaged over B sampled (p, q) pairs.  Verifiers with a closed form
-(``exact_acceptance``) are evaluated exactly per pair; the others are estimated without the
-noise of the accept/reject coin: for each pair and each tuple drawn by the verifier's own
-scheme, the kernel's exact mass on the drafted tokens is averaged (a Rao-Blackwellized
-estimate).  The optimal bound for k i.i.d. drafts is exact per pair.  Every figure carries a 95%
-confidence interval over the sampled pairs, and says whether it is exact per pair.
+Three sections, each a list of rows in report.json and a table in report.md, with plots:
+
+1. Acceptance (probability that the emitted token is a draft) for every source of (p, q) pairs
+   — the real model pair on held-out text and the synthetic families — temperature, verifier
+   and draft count k, averaged over the pairs.  Verifiers with a closed form
+   (``exact_acceptance``) are evaluated exactly per pair; the others without the noise of the
+   accept/reject coin: for each pair and each tuple drawn by the verifier's own scheme, the
+   kernel's exact mass on the drafted tokens is averaged (a Rao-Blackwellized estimate).  The
+   optimum for k i.i.d. drafts is exact per pair.  Every figure carries a 95% confidence
+   interval over the pairs and says whether it is exact per pair.
+2. Block efficiency (tokens per target pass) of the engine on the model pair, per verifier and
+   tree shape (k draft sequences of depth D), with a 95% interval over requests.
+3. Cost of one ``verify`` call per node against V and k, next to one softmax over the same
+   logits.
 """
 
 from __future__ import annotations
@@ -22,24 +29,39 @@ import torch
 from .. import proofs
 from ..verifiers import available_verifiers, get_verifier
 from .families import FAMILIES
+from .progress import Progress
+from .sources import ModelPair, contexts_from_prompts, contexts_from_text, hf_pair, pair_logits, shipped_pair
 
 
 @dataclass
 class CompareConfig:
     verifiers: list[str] = field(default_factory=available_verifiers)
-    families: list[str] = field(default_factory=lambda: list(FAMILIES))
+    families: list[str] = field(default_factory=lambda: list(FAMILIES))  # synthetic sources
+    pair: str | None = "shipped"  # the model pair: "shipped", "hf" (hf_target, hf_draft) or None
+    hf_target: str | None = None  # local transformers model directories, with pair = "hf"
+    hf_draft: str | None = None
+    prompts_file: str | None = None  # the pair's contexts, one per line (default: held-out text)
     ks: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8])
-    temperatures: list[float] = field(default_factory=lambda: [0.6, 1.0])
-    vocab: int = 1000
-    pairs: int = 1000  # sampled (p, q) pairs per family
+    temperatures: list[float] = field(default_factory=lambda: [0.3, 0.6, 1.0])
+    vocab: int = 1000  # V of the synthetic families (the model pair has its own)
+    pairs: int = 1000  # (p, q) pairs per source: synthetic draws, or the pair's contexts
+    context_length: int = 64  # tokens of held-out text before each of the pair's positions
     tuples_per_pair: int = 16  # draft tuples per pair, for verifiers without a closed form
+    tree_shapes: list[tuple[int, int]] = field(default_factory=lambda: [(1, 4), (2, 1), (2, 4), (4, 4)])  # (k, D)
+    engine_prompts: int = 16  # requests per engine run (one batch)
+    engine_new_tokens: int = 48
+    cost_vocab: list[int] = field(default_factory=lambda: [1000, 8000, 32000])
+    cost_ks: list[int] = field(default_factory=lambda: [2, 4, 8])
+    cost_batch: int = 64  # nodes per verify call in the cost section
+    engine: bool = True  # run section 2 (needs a model pair)
+    costs: bool = True  # run section 3
     seed: int = 0
     out_dir: str = "multidraft-report"
 
 
 @dataclass
 class Row:
-    family: str
+    family: str  # the source of (p, q): a synthetic family or the model pair
     temperature: float
     verifier: str
     k: int
@@ -50,8 +72,40 @@ class Row:
     note: str = ""
 
 
+@dataclass
+class EngineRow:
+    temperature: float
+    verifier: str
+    k: int
+    depth: int
+    block_efficiency: float | None  # tokens per request per target pass
+    ci95: float | None  # over requests
+    acceptance_by_depth: list[float] = field(default_factory=list)
+    note: str = ""
+
+
+@dataclass
+class CostRow:
+    verifier: str
+    vocab: int
+    k: int
+    us_per_node: float | None
+    softmax_us_per_node: float
+    note: str = ""
+
+
+@dataclass
+class Report:
+    sources: dict[str, str]  # name -> description
+    acceptance: list[Row]
+    engine: list[EngineRow]
+    costs: list[CostRow]
+
+
 def mean_and_ci(per_pair: torch.Tensor) -> tuple[float, float]:
-    return float(per_pair.mean()), 1.96 * float(per_pair.std()) / math.sqrt(per_pair.numel())
+    per_pair = per_pair.double()
+    spread = float(per_pair.std()) if per_pair.numel() > 1 else 0.0
+    return float(per_pair.mean()), 1.96 * spread / math.sqrt(per_pair.numel())
 
 
 def acceptance_per_pair(verifier, p, q, k, tuples_per_pair, generator) -> tuple[torch.Tensor, bool]:
@@ -67,39 +121,160 @@ def acceptance_per_pair(verifier, p, q, k, tuples_per_pair, generator) -> tuple[
     return (kernel * on_draft).sum(-1).view(tuples_per_pair, -1).mean(0), False
 
 
-def run_compare(config: CompareConfig, progress=print) -> list[Row]:
-    rows: list[Row] = []
+def check_config(config: CompareConfig) -> None:
     for family_name in config.families:
         if family_name not in FAMILIES:
             raise ValueError(f"unknown family {family_name!r}; known families: {', '.join(FAMILIES)}")
     for temperature in config.temperatures:
         if not temperature > 0:
             raise ValueError(f"temperatures must be > 0 (greedy decoding has nothing to verify), got {temperature}")
+    if config.pair not in ("shipped", "hf", None):
+        raise ValueError(f"pair must be 'shipped', 'hf' or None, got {config.pair!r}")
+    if config.pair == "hf" and not (config.hf_target and config.hf_draft):
+        raise ValueError("pair = 'hf' needs both hf_target and hf_draft (local model directories)")
+    for k, depth in config.tree_shapes:
+        if k < 1 or depth < 1:
+            raise ValueError(f"tree shapes are (k >= 1, depth >= 1), got ({k}, {depth})")
+    for name in config.verifiers:
+        get_verifier(name)  # the registry's error for unknown names
+
+
+def load_model_pair(config: CompareConfig) -> ModelPair | None:
+    if config.pair is None:
+        return None
+    return hf_pair(config.hf_target, config.hf_draft) if config.pair == "hf" else shipped_pair()
+
+
+def model_pair_contexts(config: CompareConfig, pair: ModelPair, count: int, seed: int):
+    if config.prompts_file:
+        return contexts_from_prompts(config.prompts_file, pair.encode, config.context_length)
+    if pair.name == "shipped-pair":
+        from ..engine.pretrained import held_out_windows
+
+        return held_out_windows(count, config.context_length, seed)
+    raise ValueError("a transformers pair needs prompts: pass prompts_file (one prompt per line)")
+
+
+def run_acceptance(config: CompareConfig, sources: dict[str, tuple[torch.Tensor, torch.Tensor]], progress: Progress) -> list[Row]:
+    rows: list[Row] = []
     verifiers = {name: get_verifier(name) for name in config.verifiers}
-    for family_name in config.families:
-        g = torch.Generator().manual_seed(config.seed)
-        target_logits, draft_logits = FAMILIES[family_name].sample(config.pairs, config.vocab, g)
+    g = torch.Generator().manual_seed(config.seed)
+    for source, (target_logits, draft_logits) in sources.items():
         for temperature in config.temperatures:
             p = (target_logits / temperature).softmax(-1)
             q = (draft_logits / temperature).softmax(-1)
             for k in config.ks:
                 optimal = float(proofs.optimal_acceptance(p, q, k).mean())
                 for name, verifier in verifiers.items():
-                    start = time.perf_counter()
                     try:
                         verifier.check_num_drafts(k, q)
                         per_pair, exact = acceptance_per_pair(verifier, p, q, k, config.tuples_per_pair, g)
                         mean, half = mean_and_ci(per_pair)
-                        rows.append(Row(family_name, temperature, name, k, mean, half, exact, optimal))
+                        rows.append(Row(source, temperature, name, k, mean, half, exact, optimal))
                     except ValueError as err:  # a verifier limited to some k, or an LP too large
-                        rows.append(Row(family_name, temperature, name, k, None, None, False, optimal, note=str(err)))
-                    progress(f"{family_name:<20} T={temperature:<4} k={k} {name:<10} {time.perf_counter() - start:6.2f}s")
+                        rows.append(Row(source, temperature, name, k, None, None, False, optimal, note=str(err)))
+                    progress.step(f"{source} T={temperature:g} k={k} {name}")
     return rows
+
+
+def run_engine(config: CompareConfig, pair: ModelPair, progress: Progress) -> list[EngineRow]:
+    from ..engine import Engine
+
+    contexts = model_pair_contexts(config, pair, config.engine_prompts, config.seed + 1)
+    prompts = [c.tolist() for c in contexts][: config.engine_prompts]
+    if len({len(p) for p in prompts}) > 1:  # ragged prompt lines: keep each one's last tokens
+        shortest = min(len(p) for p in prompts)
+        prompts = [p[-shortest:] for p in prompts]
+    rows = []
+    for temperature in config.temperatures:
+        for name in config.verifiers:
+            for k, depth in config.tree_shapes:
+                try:
+                    engine = Engine(pair.target, pair.draft, verifier=name, num_drafts=k, depth=depth, device="cpu")
+                    out = engine.generate(prompts, config.engine_new_tokens, temperature=temperature, seed=config.seed)
+                    mean, half = mean_and_ci(torch.tensor(out.stats.block_efficiency_per_request))
+                    rows.append(EngineRow(temperature, name, k, depth, mean, half, out.stats.acceptance_by_depth))
+                except ValueError as err:  # a verifier limited to some k or to depth 1
+                    rows.append(EngineRow(temperature, name, k, depth, None, None, note=str(err)))
+                progress.step(f"T={temperature:g} {name} k={k} D={depth}")
+    return rows
+
+
+def _median_seconds(fn, repeats: int = 3) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def run_costs(config: CompareConfig, progress: Progress, max_call_seconds: float = 2.0) -> list[CostRow]:
+    rows = []
+    batch = config.cost_batch
+    for vocab in config.cost_vocab:
+        g = torch.Generator().manual_seed(config.seed)
+        logits = 3 * torch.randn(batch, vocab, generator=g)
+        p = logits.softmax(-1)
+        q = (logits + torch.randn(batch, vocab, generator=g)).softmax(-1)
+        softmax_us = _median_seconds(lambda: logits.softmax(-1)) / batch * 1e6
+        for k in config.cost_ks:
+            for name in config.verifiers:
+                verifier = get_verifier(name, validate_args=False)
+                try:
+                    verifier.check_num_drafts(k, q)
+                    drafts = verifier.draft(q, k, generator=g)
+                    start = time.perf_counter()
+                    verifier.verify(p, q, drafts, generator=g)
+                    if time.perf_counter() - start > max_call_seconds:
+                        raise ValueError(f"one call took over {max_call_seconds:g} s; not timed further")
+                    seconds = _median_seconds(lambda: verifier.verify(p, q, drafts, generator=g))
+                    rows.append(CostRow(name, vocab, k, seconds / batch * 1e6, softmax_us))
+                except ValueError as err:
+                    rows.append(CostRow(name, vocab, k, None, softmax_us, note=str(err)))
+                progress.step(f"V={vocab} k={k} {name}")
+    return rows
+
+
+def run_report(config: CompareConfig, show_progress: bool = True) -> Report:
+    """Every section the config asks for."""
+    check_config(config)
+    pair = load_model_pair(config)
+    sources: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    descriptions: dict[str, str] = {}
+    if pair is not None:
+        contexts = model_pair_contexts(config, pair, config.pairs, config.seed)
+        sources[pair.name] = pair_logits(pair, contexts)
+        descriptions[pair.name] = pair.description
+    for name in config.families:
+        g = torch.Generator().manual_seed(config.seed)
+        sources[name] = FAMILIES[name].sample(config.pairs, config.vocab, g)
+        descriptions[name] = f"{FAMILIES[name].description} (V = {config.vocab})"
+
+    cells = len(sources) * len(config.temperatures) * len(config.ks) * len(config.verifiers)
+    progress = Progress(cells, "acceptance", enabled=show_progress)
+    acceptance = run_acceptance(config, sources, progress)
+    progress.close()
+    engine_rows: list[EngineRow] = []
+    if config.engine and pair is not None:
+        progress = Progress(len(config.temperatures) * len(config.verifiers) * len(config.tree_shapes), "engine", enabled=show_progress)
+        engine_rows = run_engine(config, pair, progress)
+        progress.close()
+    cost_rows: list[CostRow] = []
+    if config.costs:
+        progress = Progress(len(config.cost_vocab) * len(config.cost_ks) * len(config.verifiers), "cost", enabled=show_progress)
+        cost_rows = run_costs(config, progress)
+        progress.close()
+    return Report(descriptions, acceptance, engine_rows, cost_rows)
+
+
+# ---- tables --------------------------------------------------------------------------------
 
 
 def markdown_table(rows: list[Row]) -> str:
     lines = [
-        "| family | T | k | verifier | acceptance (95% CI over pairs) | exact per pair | optimum (i.i.d.) | share of optimum |",
+        "| source | T | k | verifier | acceptance (95% CI over pairs) | exact per pair | optimum (i.i.d.) | share of optimum |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -115,58 +290,67 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_report(config: CompareConfig, rows: list[Row]) -> Path:
+def engine_table(rows: list[EngineRow]) -> str:
+    lines = ["| T | verifier | k | D | block efficiency (95% CI over requests) | acceptance by depth |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        head = f"| {r.temperature:g} | {r.verifier} | {r.k} | {r.depth} |"
+        if r.block_efficiency is None:
+            lines.append(f"{head} n/a | {r.note.split(';')[0].split(':')[0]} |")
+        else:
+            by_depth = " ".join(f"{a:.2f}" for a in r.acceptance_by_depth)
+            lines.append(f"{head} {r.block_efficiency:.3f} ± {r.ci95:.3f} | {by_depth} |")
+    return "\n".join(lines)
+
+
+def cost_table(rows: list[CostRow]) -> str:
+    lines = ["| V | k | verifier | µs per node | softmax µs per node | × softmax |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        head = f"| {r.vocab} | {r.k} | {r.verifier} |"
+        if r.us_per_node is None:
+            lines.append(f"{head} n/a | {r.softmax_us_per_node:.2f} | {r.note.split(';')[0]} |")
+        else:
+            lines.append(f"{head} {r.us_per_node:.1f} | {r.softmax_us_per_node:.2f} | {r.us_per_node / r.softmax_us_per_node:.1f} |")
+    return "\n".join(lines)
+
+
+def write_report(config: CompareConfig, report: Report) -> Path:
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(
-        json.dumps({"config": asdict(config), "rows": [asdict(r) for r in rows]}, indent=2)
-    )
-    families = "\n".join(f"- `{n}`: {FAMILIES[n].description}" for n in config.families)
-    (out / "report.md").write_text(
+    (out / "report.json").write_text(json.dumps({
+        "config": asdict(config),
+        "sources": report.sources,
+        "rows": [asdict(r) for r in report.acceptance],
+        "engine": [asdict(r) for r in report.engine],
+        "costs": [asdict(r) for r in report.costs],
+    }, indent=2))
+    sources = "\n".join(f"- `{n}`: {d}" for n, d in report.sources.items())
+    text = (
         "# multidraft acceptance comparison\n\n"
-        f"V = {config.vocab}, {config.pairs} sampled (p, q) pairs per family and temperature, "
-        f"{config.tuples_per_pair} draft tuples per pair where sampled, seed {config.seed}.\n\n"
-        f"Families:\n{families}\n\n"
+        f"{config.pairs} (p, q) pairs per source and temperature, {config.tuples_per_pair} draft tuples "
+        f"per pair where sampled, seed {config.seed}.\n\nSources:\n{sources}\n\n"
+        "## Acceptance\n\n"
         "Acceptance is exact per pair for verifiers with a closed form, otherwise the mean of the "
         "kernel's exact mass on drafted tuples; the interval is over the sampled pairs. The "
         "optimum is exact per pair for k i.i.d. drafts; schemes that draw distinct or "
         "deterministic drafts (rrs-wor, greedy, spechub) use another draft law and may exceed "
-        "it.\n\n" + markdown_table(rows) + "\n"
+        "it.\n\n" + markdown_table(report.acceptance) + "\n"
     )
-    plot_acceptance(rows, out)
+    if report.engine:
+        text += (
+            "\n## Block efficiency (engine, model pair)\n\n"
+            f"{config.engine_prompts} requests of {config.engine_new_tokens} new tokens each, one batch; "
+            "k draft sequences of depth D per round; tokens per request per target pass, with a "
+            "95% interval over requests.\n\n" + engine_table(report.engine) + "\n"
+        )
+    if report.costs:
+        text += (
+            "\n## Cost of verify per node\n\n"
+            f"CPU, float32, {config.cost_batch} nodes per call, validation off, median of 3; a softmax "
+            "over the same logits for scale. Machine-dependent: benchmarks/verifiers.py has the "
+            "careful version.\n\n" + cost_table(report.costs) + "\n"
+        )
+    (out / "report.md").write_text(text)
+    from .plots import write_plots
+
+    write_plots(report, out)
     return out
-
-
-def plot_acceptance(rows: list[Row], out: Path) -> None:
-    """acceptance-vs-k.png: a panel per family and temperature, the i.i.d. optimum as ceiling."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plots are an optional extra
-        return
-    panels = list(dict.fromkeys((r.family, r.temperature) for r in rows))
-    families = list(dict.fromkeys(f for f, _ in panels))
-    temperatures = list(dict.fromkeys(t for _, t in panels))
-    fig, axes = plt.subplots(len(temperatures), len(families), figsize=(5 * len(families), 3.8 * len(temperatures)), squeeze=False)
-    for (family, temperature) in panels:
-        ax = axes[temperatures.index(temperature)][families.index(family)]
-        mine = [r for r in rows if r.family == family and r.temperature == temperature]
-        ks = sorted({r.k for r in mine})
-        optimum = [next(r.optimal_iid for r in mine if r.k == k) for k in ks]
-        ax.plot(ks, optimum, "k--", lw=2, label="optimal (i.i.d. drafts)")
-        for name in dict.fromkeys(r.verifier for r in mine):
-            pts = [(r.k, r.acceptance, r.ci95) for r in mine if r.verifier == name and r.acceptance is not None]
-            if pts:
-                x, y, e = zip(*pts)
-                ax.errorbar(x, y, yerr=e, marker="o", ms=4, capsize=3, label=name)
-        ax.set_title(f"{family}, T = {temperature:g}")
-        ax.set_xlabel("drafts k")
-        ax.set_ylabel("acceptance rate")
-        ax.set_xticks(ks)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "acceptance-vs-k.png", dpi=100)
-    plt.close(fig)
