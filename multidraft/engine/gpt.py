@@ -59,24 +59,30 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalize in float32 at least: the mean of squares underflows in half precision.
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return out.to(x.dtype) * self.weight
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # Normalize in float32: the mean of squares underflows in half precision.
+            return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype) * self.weight
+        return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)  # one fused op: small forwards are op-bound
 
 
-def rope(x: Tensor, pos: Tensor, base: float) -> Tensor:
-    """Rotate x [B, H, T, D] by its positions pos [B, T] (rotate-half convention).
+def rope_tables(pos: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(cos, sin_signed) [B, 1, T, head_dim] for the positions pos [B, T] (rotate-half convention).
 
-    Angles come from the positions directly, not from a precomputed table, so there is no
-    maximum sequence length to configure.
+    Computed once per forward and shared by every layer (for q and k alike): at decoding sizes
+    a forward is bound by the number of ops, not by their arithmetic.  Angles come from the
+    positions directly (in float64), so there is no maximum sequence length to configure.
     """
-    half = x.shape[-1] // 2
-    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float64) / half)  # [D/2]
+    half = head_dim // 2
+    inv_freq = base ** (-torch.arange(half, device=pos.device, dtype=torch.float64) / half)  # [D/2]
     angle = (pos.unsqueeze(-1).double() * inv_freq).unsqueeze(1)  # [B, 1, T, D/2]
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    cos, sin = angle.cos(), angle.sin()
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """Rotate x [B, H, T, D]: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * sin_signed
 
 
 class Attention(nn.Module):
@@ -84,18 +90,17 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.rope_base = config.rope_base
         self.wq = nn.Linear(config.dim, config.n_head * config.head_dim, bias=False)
         self.wk = nn.Linear(config.dim, config.n_kv_head * config.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, config.n_kv_head * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
 
-    def forward(self, x: Tensor, pos: Tensor, mask: Tensor, cache: KVCache) -> Tensor:
+    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], mask: Tensor, cache: KVCache) -> Tensor:
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.wk(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.wv(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        q, k = rope(q, pos, self.rope_base), rope(k, pos, self.rope_base)
+        q, k = apply_rope(q, *rotary), apply_rope(k, *rotary)
         k, v = cache.write(self.layer, k, v)  # [B, Hkv, S, D]: cached slots and the new ones
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # [B, H, S, D]
@@ -123,8 +128,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x: Tensor, pos: Tensor, mask: Tensor, cache: KVCache) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), pos, mask, cache)
+    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], mask: Tensor, cache: KVCache) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), rotary, mask, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -163,8 +168,9 @@ class GPT(nn.Module):
 
     def forward(self, ids: Tensor, pos: Tensor, mask: Tensor, cache: KVCache) -> Tensor:
         x = self.tok_embeddings(ids)  # [B, T, dim]
+        rotary = rope_tables(pos, self.config.head_dim, self.config.rope_base, x.dtype)
         for block in self.layers:
-            x = block(x, pos, mask, cache)
+            x = block(x, rotary, mask, cache)
         return self.output(self.norm(x))  # [B, T, V]
 
 
