@@ -98,7 +98,7 @@ def tables():
     return (TableModel.random(VOCAB, 3, seed=21, zero_prob=0.2), TableModel.random(VOCAB, 3, seed=22, zero_prob=0.2))
 
 
-@pytest.mark.parametrize("name,k,depth", [("rrs", 2, 2), ("rrs", 3, 2), ("rrs", 2, 3), ("single", 1, 3), ("rrs-wor", 2, 1), ("rrs-wor", 2, 2), ("rrs-wor", 2, 3), ("spechub", 2, 1), ("kseq", 2, 2)])
+@pytest.mark.parametrize("name,k,depth", [("rrs", 2, 2), ("rrs", 3, 2), ("rrs", 2, 3), ("single", 1, 3), ("rrs-wor", 2, 1), ("rrs-wor", 2, 2), ("rrs-wor", 2, 3), ("spechub", 2, 1), ("kseq", 2, 2), ("importance", 2, 2), ("optimal", 2, 2)])
 def test_one_round_is_exact(tables, name, k, depth):
     target, draft = tables
     verifier = md.get_verifier(name)
