@@ -83,6 +83,12 @@ def model_forward(model, cache: KVCache, ids: Tensor, pos: Tensor, rows: Tensor)
     return logits
 
 
+def greedy_roots(logits: Tensor, k: int) -> Tensor:
+    """The k highest-scoring tokens [B, k] (best first); past V, the best one again."""
+    top = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).indices
+    return torch.cat([top, top[:, :1].expand(-1, k - top.shape[1])], dim=1)
+
+
 def draft_tree(draft, cache, seq, seq_len, verifier, k, depth, sampling, generator):
     """Draft k sequences of ``depth`` tokens per request.
 
@@ -93,9 +99,12 @@ def draft_tree(draft, cache, seq, seq_len, verifier, k, depth, sampling, generat
     ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)  # [B, P]
     logits = model_forward(draft, cache, ids, pos, pending_rows(valid))  # [B, P, V]
     last = (count - 1).view(-1, 1, 1).expand(-1, 1, logits.shape[-1])
-    q_root = logits_to_probs(logits.gather(1, last).squeeze(1), sampling)  # [B, V]
-    # First level: the verifier's own scheme (k i.i.d. draws from q for i.i.d. verifiers).
-    first = sample_categorical(q_root, k, generator) if sampling.greedy else verifier.draft(q_root, k, generator)
+    root_logits = logits.gather(1, last).squeeze(1)  # [B, V]
+    q_root = logits_to_probs(root_logits, sampling)  # [B, V]
+    # First level: the verifier's own scheme (k i.i.d. draws from q for i.i.d. verifiers).  Greedy
+    # decoding verifies by matching the target's argmax, so any drafts are exact: the draft's k
+    # most likely tokens, each continued greedily, give k distinct chances instead of one chain.
+    first = greedy_roots(root_logits, k) if sampling.greedy else verifier.draft(q_root, k, generator)
     x = [first]  # D tensors [B, k]
     q_levels = [q_root.unsqueeze(1).expand(-1, k, -1)]  # D tensors [B, k, V]
     for level in range(1, depth):

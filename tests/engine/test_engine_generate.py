@@ -127,3 +127,11 @@ def test_verifier_instance_and_options():
     engine = Engine(gpt(0), gpt(1), verifier=md.get_verifier("rrs", validate_args=False), num_drafts=2, depth=2, device="cpu")
     assert engine.generate(PROMPTS, max_new_tokens=4, seed=0).tokens.shape == (4, 4)
     assert "rrs" in repr(engine)
+
+
+def test_greedy_roots_are_the_drafts_top_tokens():
+    from multidraft.engine.engine import greedy_roots
+
+    logits = torch.tensor([[0.1, 3.0, 2.0, -1.0], [5.0, 0.0, 0.0, 1.0]])
+    assert greedy_roots(logits, 2).tolist() == [[1, 2], [0, 3]]
+    assert greedy_roots(logits, 6).tolist() == [[1, 2, 0, 3, 1, 1], [0, 3, 1, 2, 0, 0]]

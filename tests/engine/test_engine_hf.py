@@ -142,7 +142,9 @@ def test_hf_greedy_equals_plain_hf_greedy(build, verifier, k, depth):
     out = engine.generate(PROMPTS, max_new_tokens=n, temperature=0.0, seed=0)
     for b, prompt in enumerate(PROMPTS):
         assert out.tokens[b].tolist() == hf_greedy(target, prompt, n), f"request {b}"
-    assert 0 < out.stats.accepted_by_depth[0] < out.stats.reached_by_depth[0]  # ragged acceptance
+    # Ragged acceptance: some depth both accepts and rejects (with k = 2 greedy roots the first
+    # depth may accept every time).
+    assert any(0 < a < r for a, r in zip(out.stats.accepted_by_depth, out.stats.reached_by_depth))
 
 
 def test_hf_sampling_is_seeded_and_mixed_pair():
