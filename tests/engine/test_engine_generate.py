@@ -132,6 +132,6 @@ def test_verifier_instance_and_options():
 def test_greedy_roots_are_the_drafts_top_tokens():
     from multidraft.engine.engine import greedy_roots
 
-    logits = torch.tensor([[0.1, 3.0, 2.0, -1.0], [5.0, 0.0, 0.0, 1.0]])
+    logits = torch.tensor([[0.1, 3.0, 2.0, -1.0], [5.0, 0.5, 0.0, 1.0]])
     assert greedy_roots(logits, 2).tolist() == [[1, 2], [0, 3]]
     assert greedy_roots(logits, 6).tolist() == [[1, 2, 0, 3, 1, 1], [0, 3, 1, 2, 0, 0]]
