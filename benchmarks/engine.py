@@ -5,13 +5,11 @@ efficiency, per verifier, batch size and temperature.
     .venv/bin/python benchmarks/engine.py --quick              # batch 1 and 16 only
     .venv/bin/python benchmarks/engine.py --json out.json --markdown
 
-Models: the built-in pair (``multidraft.engine.demo_pair``): an untrained GPT target (8 layers,
-dim 256, V = 256, random weights with a fixed seed) and, as the draft, its first layer plus its
-final norm and output head ("early exit").  With random weights an independent draft would
-accept almost nothing, and a trained pair is not shipped yet; the early exit reads the target's
-own residual stream, so its next-token law is correlated with the target's and acceptance is
-non-trivial.  The acceptance figures therefore say nothing about real drafts; the costs and the
-speedup *given* that acceptance are real.
+Models (``--pair``): ``shipped`` (default), the trained byte-level pair shipped in
+``multidraft.engine.pretrained`` (docs/model-pair.md), prompted with held-out standard-library
+source; or ``demo``, the untrained built-in pair (``multidraft.engine.demo_pair``: an 8-layer
+random GPT and its first-layer early exit, random-token prompts), whose acceptance says nothing
+about real drafts but whose draft is ~8x cheaper than its target.
 
 Baseline: ``autoregressive_generate``, one target forward per token through the same KVCache,
 masks and sampling code.  Both decode the same prompts with the same settings; each cell times
@@ -31,6 +29,7 @@ import sys
 import torch
 
 from multidraft.engine import Engine, autoregressive_generate, demo_pair
+from multidraft.engine.pretrained import held_out_windows, load_pair
 from multidraft.engine.shape import (
     calibrate_acceptance,
     choose_shape,
@@ -39,18 +38,27 @@ from multidraft.engine.shape import (
 )
 
 # (verifier, num_drafts, depth): spechub is k = 2 and depth 1 only (its scheme is not i.i.d.).
-CONFIGS = [("single", 1, 4), ("rrs", 2, 4), ("rrs-wor", 2, 4), ("kseq", 2, 4), ("spechub", 2, 1)]
+CONFIGS = [("single", 1, 4), ("rrs", 2, 4), ("rrs-wor", 2, 4), ("kseq", 2, 4), ("importance", 2, 4),
+           ("spechub", 2, 1), ("rrs-wor", 4, 3)]
 
 
-def prompts_for(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch, length), generator=g)
+def models(pair: str):
+    """(target, draft, prompts_for(batch, length, seed))."""
+    if pair == "demo":
+        target, draft = demo_pair(seed=0)
+
+        def random_prompts(batch: int, length: int, seed: int) -> torch.Tensor:
+            g = torch.Generator().manual_seed(seed)
+            return torch.randint(0, target.vocab_size, (batch, length), generator=g)
+
+        return target, draft, random_prompts
+    target, draft = load_pair()
+    return target, draft, lambda batch, length, seed: held_out_windows(batch, length, seed)
 
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    target, draft = demo_pair(seed=0)
-    vocab = target.vocab_size
+    target, draft, prompts_for = models(args.pair)
     machine = {
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "load_start": os.getloadavg()[0],
@@ -59,12 +67,12 @@ def run(args) -> dict:
                  "draft_1": forward_ms(draft, b, 1), "draft_2": forward_ms(draft, b, 2)} for b in args.batches}
     rows = []
     for batch in args.batches:
-        prompts = prompts_for(batch, args.prompt_len, vocab, seed=batch)
+        prompts = prompts_for(batch, args.prompt_len, seed=batch)
         for temperature in args.temperatures:
             settings = dict(temperature=temperature, seed=0)
             autoregressive_generate(target, prompts, 4, device="cpu", **settings)  # warm-up
             for name, k, depth in CONFIGS:
-                if args.verifiers and name not in args.verifiers:
+                if (args.verifiers and name not in args.verifiers) or (name == "spechub" and temperature == 0):
                     continue
                 engine = Engine(target, draft, verifier=name, num_drafts=k, depth=depth, device="cpu")
                 engine.generate(prompts, 4, **settings)  # warm-up
@@ -92,7 +100,7 @@ def run(args) -> dict:
                       f"AR {row['ar_tokens_per_s']:8.1f} tok/s  spec {row['spec_tokens_per_s']:8.1f} tok/s  "
                       f"x{row['speedup']:.2f}" + (f"  rows equal to AR {min(same):.2f}" if same else ""), file=sys.stderr, flush=True)
     machine["load_end"] = os.getloadavg()[0]
-    return {"machine": machine, "forward_ms": costs, "rows": rows,
+    return {"machine": machine, "pair": args.pair, "forward_ms": costs, "rows": rows,
             "settings": {"new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "repeats": args.repeats}}
 
 
@@ -101,12 +109,12 @@ def run_adaptive(args) -> dict:
     (k in 1, 2, 4 at depth 6, on the calibration prompts), let ``choose_shape`` pick (k, D) or
     plain decoding, then time that choice against plain decoding on *other* prompts."""
     torch.set_num_threads(args.threads)
-    target, draft = demo_pair(seed=0)
-    vocab, max_depth, tokens = target.vocab_size, 6, sorted({1, 2, 3, 4, 5, 7, 9, 13, 17, 25})
+    target, draft, prompts_for = models(args.pair)
+    max_depth, tokens = 6, sorted({1, 2, 3, 4, 5, 7, 9, 13, 17, 25})
     rows = []
     for batch in args.batches:
         costs = measure_costs(target, draft, [batch], tokens, repeats=3)
-        calib, prompts = prompts_for(batch, args.prompt_len, vocab, seed=1000 + batch), prompts_for(batch, args.prompt_len, vocab, seed=batch)
+        calib, prompts = prompts_for(batch, args.prompt_len, seed=1000 + batch), prompts_for(batch, args.prompt_len, seed=batch)
         for temperature in args.temperatures:
             acceptance, overhead = calibrate_acceptance(target, draft, args.adaptive_verifier, [1, 2, 4], max_depth, calib, args.new_tokens,
                                                         device="cpu", costs=costs, temperature=temperature, seed=1)
@@ -155,6 +163,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pair", choices=["shipped", "demo"], default="shipped", help="model pair (default: the shipped trained pair)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--verifiers", nargs="+", help="subset of: " + ", ".join(c[0] for c in CONFIGS))
