@@ -89,7 +89,7 @@ def greedy_roots(logits: Tensor, k: int) -> Tensor:
     return torch.cat([top, top[:, :1].expand(-1, k - top.shape[1])], dim=1)
 
 
-def draft_tree(draft, cache, seq, seq_len, verifier, k, depth, sampling, generator):
+def draft_tree(draft, cache, seq, seq_len, verifier, k, depth, sampling, random: RequestRandom):
     """Draft k sequences of ``depth`` tokens per request.
 
     Returns x [B, k, D] (the tokens), q_levels [B, D, k, V] (draft probs at the node of each
@@ -104,7 +104,11 @@ def draft_tree(draft, cache, seq, seq_len, verifier, k, depth, sampling, generat
     # First level: the verifier's own scheme (k i.i.d. draws from q for i.i.d. verifiers).  Greedy
     # decoding verifies by matching the target's argmax, so any drafts are exact: the draft's k
     # most likely tokens, each continued greedily, give k distinct chances instead of one chain.
-    first = greedy_roots(root_logits, k) if sampling.greedy else verifier.draft(q_root, k, generator)
+    every = torch.arange(seq.shape[0], device=seq.device)  # [B]
+    if sampling.greedy:
+        first = greedy_roots(root_logits, k)
+    else:
+        first = random.draw(lambda q, g: verifier.draft(q, k, g), every, q_root)  # [B, k]
     x = [first]  # D tensors [B, k]
     q_levels = [q_root.unsqueeze(1).expand(-1, k, -1)]  # D tensors [B, k, V]
     for level in range(1, depth):
@@ -116,7 +120,7 @@ def draft_tree(draft, cache, seq, seq_len, verifier, k, depth, sampling, generat
         # Every sequence samples its next token from q at its node (the group's first slot).
         node = canon[:, -1].unsqueeze(-1).expand_as(q_nodes)  # [B, k, V]
         q_seq = q_nodes.gather(1, node)  # [B, k, V]
-        x.append(sample_categorical(q_seq.reshape(-1, q_seq.shape[-1]), 1, generator).view(-1, k))
+        x.append(random.draw(lambda q, g: sample_categorical(q.reshape(-1, q.shape[-1]), 1, g).view(-1, k), every, q_seq))
         q_levels.append(q_seq)
     return torch.stack(x, dim=2), torch.stack(q_levels, dim=1), valid, count
 
@@ -150,7 +154,7 @@ def score_tree(target, cache, seq, seq_len, x, sampling):
 # ---- 3. verify -----------------------------------------------------------------------------
 
 
-def walk_tree(verifier, p_levels, q_levels, x, canon, active, generator, stats_reached, stats_accepted):
+def walk_tree(verifier, p_levels, q_levels, x, canon, active, random: RequestRandom, stats_reached, stats_accepted):
     """Walk each active request's tree from the root; return (emitted [B, D+1], accepted [B],
     path [B, D]): the first accepted[b] + 1 entries of emitted[b] are the round's new tokens,
     path[b, l] the slot of the accepted node at depth l + 1.
@@ -184,7 +188,8 @@ def walk_tree(verifier, p_levels, q_levels, x, canon, active, generator, stats_r
         token = torch.empty_like(m)
         for count in torch.unique(m).tolist():
             sel = (m == count).nonzero().squeeze(1)
-            token[sel] = verifier.verify(p[sel], q[sel], drafts[sel, :count].contiguous(), generator).token
+            token[sel] = random.draw(lambda p_, q_, d_, g: verifier.verify(p_, q_, d_, g).token,
+                                     rows[sel], p[sel], q[sel], drafts[sel, :count].contiguous())
         follow = live & (tokens == token.unsqueeze(1))  # [n, k] sequences through the child
         hit = follow.any(dim=1)  # [n] the emitted token has a child in the tree
         # The child is the node of any following sequence; all of them share it (its canon).
@@ -201,7 +206,7 @@ def walk_tree(verifier, p_levels, q_levels, x, canon, active, generator, stats_r
     rows = walking.nonzero().squeeze(1)
     if rows.numel():
         # Every draft accepted: the bonus token comes from p after the leaf.
-        emitted[rows, depth] = sample_from_weights(p_levels[rows, depth, node[rows]], generator)
+        emitted[rows, depth] = random.draw(sample_from_weights, rows, p_levels[rows, depth, node[rows]])
     return emitted, accepted, path
 
 
@@ -326,6 +331,34 @@ def seeded_generator(device, seed: int | None) -> torch.Generator:
     return generator
 
 
+class RequestRandom:
+    """Where a generate call's random numbers come from.
+
+    ``seed`` an int (or None): one generator for the whole batch, so a request's tokens depend on
+    its place in the batch.  ``seed`` a list with one int per request: one generator per request,
+    and every random draw is made request by request (the model passes stay batched), so each
+    request gets exactly the tokens it gets when decoded alone with its seed, at the price of
+    one sampler or verifier call per request instead of one per batch.
+    """
+
+    def __init__(self, device, seed, batch: int):
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != batch or not all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
+                raise ValueError(f"seed as a list needs one int per request ({batch}), got {seed!r}")
+            self.shared, self.per_request = None, [seeded_generator(device, s) for s in seed]
+        elif seed is None or (isinstance(seed, int) and not isinstance(seed, bool)):
+            self.shared, self.per_request = seeded_generator(device, seed), None
+        else:
+            raise ValueError(f"seed must be None, an int or a list of ints (one per request), got {seed!r}")
+
+    def draw(self, fn, requests: Tensor, *rows: Tensor) -> Tensor:
+        """``fn(*rows, generator)`` for the requests ``requests`` [n], whose data are ``rows``
+        (each [n, ...]); the result is [n, ...]."""
+        if self.per_request is None:
+            return fn(*rows, self.shared)
+        return torch.cat([fn(*(r[i : i + 1] for r in rows), self.per_request[b]) for i, b in enumerate(requests.tolist())])
+
+
 class Engine:
     """Token-tree speculative decoding: ``Engine(target, draft, verifier="rrs", num_drafts=2, depth=3)``.
 
@@ -364,7 +397,7 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, eos_token_id: int | None = None) -> GenerationOutput:
+                 top_p: float | None = None, seed: int | list[int] | None = None, eos_token_id: int | None = None) -> GenerationOutput:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if eos_token_id is not None and not (0 <= eos_token_id < self.vocab_size):
@@ -377,7 +410,7 @@ class Engine:
         if n == 0:
             return GenerationOutput(torch.zeros(bsz, 0, dtype=torch.long, device=device), torch.zeros(bsz, dtype=torch.long, device=device), stats)
         started = time.perf_counter()
-        generator = seeded_generator(device, seed)
+        random = RequestRandom(device, seed, bsz)
         verifier = _GreedyMatch(validate_args=False) if sampling.greedy else self.verifier
 
         # Explicit cache setup.  A request below n tokens adds at most depth + 1, so sequences
@@ -396,9 +429,9 @@ class Engine:
 
         while not bool(done.all()):
             active = ~done
-            x, q_levels, d_valid, d_count = draft_tree(self.draft, draft_cache, seq, seq_len, verifier, k, depth, sampling, generator)
+            x, q_levels, d_valid, d_count = draft_tree(self.draft, draft_cache, seq, seq_len, verifier, k, depth, sampling, random)
             p_levels, canon, t_valid, t_count = score_tree(self.target, target_cache, seq, seq_len, x, sampling)
-            emitted, accepted, path = walk_tree(verifier, p_levels, q_levels, x, canon, active, generator,
+            emitted, accepted, path = walk_tree(verifier, p_levels, q_levels, x, canon, active, random,
                                                 stats.reached_by_depth, stats.accepted_by_depth)
             commit_round(target_cache, t_count, t_valid.shape[1], path, accepted, depth, k, active)
             commit_round(draft_cache, d_count, d_valid.shape[1], path, accepted, depth - 1, k, active)

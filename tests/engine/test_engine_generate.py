@@ -89,6 +89,30 @@ def test_batch_equals_each_request_alone_greedy():
         assert alone.tokens[0].tolist() == batch.tokens[b].tolist()
 
 
+@pytest.mark.parametrize("verifier,k,depth", [("rrs", 2, 3), ("rrs-wor", 2, 2), ("importance", 2, 2), ("spechub", 2, 1)])
+def test_batch_equals_each_request_alone_sampling_with_per_request_seeds(verifier, k, depth):
+    # seed=[...]: one generator per request, so a request's tokens do not depend on the batch.
+    target = gpt(0)
+    draft = noisy_copy(target, 0.15, seed=1)
+    engine = Engine(target, draft, verifier=verifier, num_drafts=k, depth=depth, device="cpu")
+    seeds = [11, 12, 13, 14]
+    batch = engine.generate(PROMPTS, max_new_tokens=9, temperature=1.0, top_k=20, seed=seeds)
+    for b, prompt in enumerate(PROMPTS):
+        alone = engine.generate([prompt], max_new_tokens=9, temperature=1.0, top_k=20, seed=[seeds[b]])
+        assert alone.tokens[0].tolist() == batch.tokens[b].tolist(), f"request {b}"
+    # and the seeds matter
+    other = engine.generate(PROMPTS, max_new_tokens=9, temperature=1.0, top_k=20, seed=[21, 22, 23, 24])
+    assert not torch.equal(other.tokens, batch.tokens)
+
+
+def test_per_request_seeds_must_match_the_batch():
+    engine = Engine(gpt(0), gpt(5), verifier="rrs", num_drafts=2, depth=2, device="cpu")
+    with pytest.raises(ValueError, match=r"seed as a list needs one int per request \(4\), got \[1, 2\]"):
+        engine.generate(PROMPTS, max_new_tokens=2, seed=[1, 2])
+    with pytest.raises(ValueError, match="seed must be None, an int or a list of ints"):
+        engine.generate(PROMPTS, max_new_tokens=2, seed=1.5)
+
+
 def test_batch_equals_alone_with_table_models_sampling_single_request_seeded():
     """With one request the seeded sampler is a pure function of (prompt, seed)."""
     target, draft = TableModel.random(5, 3, seed=0), TableModel.random(5, 3, seed=1)
