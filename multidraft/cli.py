@@ -97,12 +97,20 @@ def cmd_generate(args) -> int:
         raise ValueError("give both --target and --draft (local Hugging Face model directories), or neither for the built-in pair")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.target is None:
+    decode = None
+    if args.target is not None:
+        target, draft = _load_hf(args.target), _load_hf(args.draft)
+        pair = f"target {args.target}, draft {args.draft}"
+    elif args.pair == "demo":
         target, draft = demo_pair(seed=args.model_seed)
         pair = f"built-in GPT pair (seed {args.model_seed}, untrained): target 8 layers x 256, draft = its first layer (early exit)"
     else:
-        target, draft = _load_hf(args.target), _load_hf(args.draft)
-        pair = f"target {args.target}, draft {args.draft}"
+        from .engine.pretrained import decode, encode, load_pair
+
+        target, draft = load_pair()
+        pair = "shipped byte-level pair (target 4 layers x 128, draft 1 layer x 64, trained on Python source)"
+        if args.prompt is None:
+            args.prompt = encode(args.prompt_text.encode().decode("unicode_escape")).tolist()
     options = {}
     for item in args.verifier_option or []:
         key, sep, text = item.partition("=")
@@ -120,7 +128,8 @@ def cmd_generate(args) -> int:
     s = out.stats
     print(f"{pair}; {engine!r}", file=sys.stderr)
     for b in range(out.tokens.shape[0]):
-        print(" ".join(str(t) for t in out.tokens[b, : int(out.lengths[b])].tolist()))
+        ids = out.tokens[b, : int(out.lengths[b])].tolist()
+        print(repr(decode(ids)) if decode is not None else " ".join(str(t) for t in ids))
     print(f"\nverifier {engine.verifier.name}  k={args.num_drafts}  depth={args.depth}  batch={args.batch}  T={args.temperature}")
     print(f"block efficiency {s.block_efficiency:.3f} tokens/pass   target passes {s.target_passes}   draft passes {s.draft_passes}")
     print("acceptance by depth " + " ".join(f"{a:.3f}" for a in s.acceptance_by_depth))
@@ -175,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    gen.add_argument("--prompt", type=_csv(int), help="comma-separated token ids (default: 1)")
+    gen.add_argument("--pair", choices=["shipped", "demo"], default="shipped",
+                     help="built-in model pair: the shipped trained pair (default) or the untrained demo pair")
+    gen.add_argument("--prompt", type=_csv(int), help="comma-separated token ids (default: 1, or --prompt-text for the shipped pair)")
+    gen.add_argument("--prompt-text", default="def ", help="prompt text for the shipped byte-level pair; \\n escapes allowed (default 'def ')")
     gen.add_argument("--batch", type=int, default=1, help="copies of the prompt decoded together (default 1)")
     gen.add_argument("--eos", type=int, help="stop a request at this token id")
     gen.add_argument("--target", help="local Hugging Face causal-LM directory for the target")

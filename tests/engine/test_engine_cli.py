@@ -60,7 +60,7 @@ def test_early_exit_shares_the_first_layers_and_head():
 
 
 def test_cli_generate_builtin_pair_greedy(capsys):
-    assert main(["generate", "--verifier", "single", "-k", "1", "-d", "2", "-n", "6", "-t", "0",
+    assert main(["generate", "--pair", "demo", "--verifier", "single", "-k", "1", "-d", "2", "-n", "6", "-t", "0",
                  "--prompt", "5,6,7", "--device", "cpu", "--compare"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
@@ -68,6 +68,17 @@ def test_cli_generate_builtin_pair_greedy(capsys):
     assert lines[0].split() == [str(t) for t in plain_greedy(target.double(), [5, 6, 7], 6)]
     assert "verifier single" in out and "block efficiency" in out and "tokens/s" in out
     assert "target alone:" in out and "speedup" in out
+
+
+def test_cli_generate_shipped_pair_prints_text(capsys):
+    from multidraft.engine.pretrained import decode, encode, load_pair
+
+    assert main(["generate", "--verifier", "rrs-wor", "-k", "2", "-d", "3", "-n", "12", "-t", "0",
+                 "--prompt-text", "import os\\n", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    target, _ = load_pair()
+    expected = decode(autoregressive_generate(target, [encode("import os\n").tolist()], 12, temperature=0.0, device="cpu").tokens[0].tolist())
+    assert out.splitlines()[0] == repr(expected)
 
 
 def test_cli_generate_unknown_verifier_gives_the_registry_error(capsys):
