@@ -281,45 +281,43 @@ def run_report(config: CompareConfig, show_progress: bool = True) -> Report:
 # ---- tables --------------------------------------------------------------------------------
 
 
-def markdown_table(rows: list[Row]) -> str:
-    lines = [
-        "| source | T | k | verifier | acceptance (95% CI over pairs) | exact per pair | optimum (i.i.d.) | share of optimum |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        head = f"| {r.family} | {r.temperature:g} | {r.k} | {r.verifier} |"
-        if r.acceptance is None:
-            lines.append(f"{head} n/a | | {r.optimal_iid:.4f} | {r.note.split(';')[0]} |")
-        else:
-            share = r.acceptance / r.optimal_iid if r.optimal_iid > 0 else float("nan")
-            lines.append(
-                f"{head} {r.acceptance:.4f} ± {r.ci95:.4f} | {'yes' if r.exact_per_pair else 'sampled'} | "
-                f"{r.optimal_iid:.4f} | {share:.3f} |"
-            )
+def _table(header: list[str], rows, cells) -> str:
+    """A markdown table: ``cells(row)`` gives each row's cells after the header."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def markdown_table(rows: list[Row]) -> str:
+    def cells(r):
+        head = [r.family, f"{r.temperature:g}", str(r.k), r.verifier]
+        if r.acceptance is None:
+            return head + ["n/a", "", f"{r.optimal_iid:.4f}", r.note.split(";")[0]]
+        share = r.acceptance / r.optimal_iid if r.optimal_iid > 0 else float("nan")
+        return head + [f"{r.acceptance:.4f} ± {r.ci95:.4f}", "yes" if r.exact_per_pair else "sampled", f"{r.optimal_iid:.4f}", f"{share:.3f}"]
+
+    return _table(["source", "T", "k", "verifier", "acceptance (95% CI over pairs)", "exact per pair", "optimum (i.i.d.)",
+                   "share of optimum"], rows, cells)
 
 
 def engine_table(rows: list[EngineRow]) -> str:
-    lines = ["| T | verifier | k | D | block efficiency (95% CI over requests) | acceptance by depth |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        head = f"| {r.temperature:g} | {r.verifier} | {r.k} | {r.depth} |"
+    def cells(r):
+        head = [f"{r.temperature:g}", r.verifier, str(r.k), str(r.depth)]
         if r.block_efficiency is None:
-            lines.append(f"{head} n/a | {r.note.split(';')[0].split(':')[0]} |")
-        else:
-            by_depth = " ".join(f"{a:.2f}" for a in r.acceptance_by_depth)
-            lines.append(f"{head} {r.block_efficiency:.3f} ± {r.ci95:.3f} | {by_depth} |")
-    return "\n".join(lines)
+            return head + ["n/a", r.note.split(";")[0].split(":")[0]]
+        return head + [f"{r.block_efficiency:.3f} ± {r.ci95:.3f}", " ".join(f"{a:.2f}" for a in r.acceptance_by_depth)]
+
+    return _table(["T", "verifier", "k", "D", "block efficiency (95% CI over requests)", "acceptance by depth"], rows, cells)
 
 
 def cost_table(rows: list[CostRow]) -> str:
-    lines = ["| V | k | verifier | µs per node | softmax µs per node | × softmax |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        head = f"| {r.vocab} | {r.k} | {r.verifier} |"
+    def cells(r):
+        head = [str(r.vocab), str(r.k), r.verifier]
         if r.us_per_node is None:
-            lines.append(f"{head} n/a | {r.softmax_us_per_node:.2f} | {r.note.split(';')[0]} |")
-        else:
-            lines.append(f"{head} {r.us_per_node:.1f} | {r.softmax_us_per_node:.2f} | {r.us_per_node / r.softmax_us_per_node:.1f} |")
-    return "\n".join(lines)
+            return head + ["n/a", f"{r.softmax_us_per_node:.2f}", r.note.split(";")[0]]
+        return head + [f"{r.us_per_node:.1f}", f"{r.softmax_us_per_node:.2f}", f"{r.us_per_node / r.softmax_us_per_node:.1f}"]
+
+    return _table(["V", "k", "verifier", "µs per node", "softmax µs per node", "× softmax"], rows, cells)
 
 
 def write_report(config: CompareConfig, report: Report) -> Path:

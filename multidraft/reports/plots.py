@@ -46,68 +46,51 @@ def _unique(values):
     return list(dict.fromkeys(values))
 
 
-def _series(rows, verifier):
-    return [r for r in rows if r.verifier == verifier and r.acceptance is not None]
-
-
-def _acceptance_vs_k(plt, report):
-    rows = report.acceptance
-    if not rows:
-        return None
-    sources, temps = _unique(r.family for r in rows), _unique(r.temperature for r in rows)
-    fig, axes = _grid(plt, len(temps), len(sources))
-    for (i, t), (j, s) in ((a, b) for a in enumerate(temps) for b in enumerate(sources)):
-        ax, mine = axes[i][j], [r for r in rows if r.family == s and r.temperature == t]
-        ks = sorted({r.k for r in mine})
-        ax.plot(ks, [next(r.optimal_iid for r in mine if r.k == k) for k in ks], "k--", lw=2, label="optimal (i.i.d.)")
+def _acceptance_panels(plt, rows, row_key, x_key, y, optimum: bool, title, xlabel, ylabel):
+    """A grid of panels (rows of the grid: values of ``row_key``; columns: sources), one line
+    per verifier of y(row) against ``x_key`` with 95% error bars, the optimum dashed if asked."""
+    grid_rows, sources = _unique(getattr(r, row_key) for r in rows), _unique(r.family for r in rows)
+    fig, axes = _grid(plt, len(grid_rows), len(sources))
+    for (i, g), (j, s) in ((a, b) for a in enumerate(grid_rows) for b in enumerate(sources)):
+        ax = axes[i][j]
+        mine = sorted((r for r in rows if r.family == s and getattr(r, row_key) == g), key=lambda r: getattr(r, x_key))
+        xs = sorted({getattr(r, x_key) for r in mine})
+        if optimum:
+            ax.plot(xs, [next(r.optimal_iid for r in mine if getattr(r, x_key) == x) for x in xs], "k--", lw=2, label="optimal (i.i.d.)")
         for name in _unique(r.verifier for r in mine):
-            pts = _series(mine, name)
+            pts = [r for r in mine if r.verifier == name and r.acceptance is not None]
             if pts:
-                ax.errorbar([r.k for r in pts], [r.acceptance for r in pts], yerr=[r.ci95 for r in pts], marker="o", ms=3, capsize=2, label=name)
-        ax.set(title=f"{s}, T = {t:g}", xlabel="drafts k", ylabel="acceptance", xticks=ks)
+                ax.errorbar([getattr(r, x_key) for r in pts], [y(r) for r in pts], yerr=[r.ci95 for r in pts],
+                            marker="o", ms=3, capsize=2, label=name)
+        ax.set(title=title(s, g), xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     return fig
+
+
+def _acceptance_vs_k(plt, report):
+    if not report.acceptance:
+        return None
+    return _acceptance_panels(plt, report.acceptance, "temperature", "k", lambda r: r.acceptance, True,
+                              lambda s, t: f"{s}, T = {t:g}", "drafts k", "acceptance")
 
 
 def _acceptance_vs_temperature(plt, report):
     rows = report.acceptance
-    temps = _unique(r.temperature for r in rows)
-    if len(temps) < 2:
+    if len(_unique(r.temperature for r in rows)) < 2:
         return None
-    sources = _unique(r.family for r in rows)
-    ks = [k for k in (2, 4) if any(r.k == k for r in rows)] or [sorted({r.k for r in rows})[0]]
-    fig, axes = _grid(plt, len(ks), len(sources))
-    for (i, k), (j, s) in ((a, b) for a in enumerate(ks) for b in enumerate(sources)):
-        ax, mine = axes[i][j], sorted((r for r in rows if r.family == s and r.k == k), key=lambda r: r.temperature)
-        ts = sorted({r.temperature for r in mine})
-        ax.plot(ts, [next(r.optimal_iid for r in mine if r.temperature == t) for t in ts], "k--", lw=2, label="optimal (i.i.d.)")
-        for name in _unique(r.verifier for r in mine):
-            pts = _series(mine, name)
-            if pts:
-                ax.errorbar([r.temperature for r in pts], [r.acceptance for r in pts], yerr=[r.ci95 for r in pts], marker="o", ms=3, capsize=2, label=name)
-        ax.set(title=f"{s}, k = {k}", xlabel="temperature", ylabel="acceptance")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    return fig
+    ks = [k for k in (2, 4) if any(r.k == k for r in rows)] or [min(r.k for r in rows)]
+    return _acceptance_panels(plt, [r for r in rows if r.k in ks], "k", "temperature", lambda r: r.acceptance, True,
+                              lambda s, k: f"{s}, k = {k}", "temperature", "acceptance")
 
 
 def _gap_to_optimum(plt, report):
-    rows = report.acceptance
-    if not rows:
+    if not report.acceptance:
         return None
-    sources, temps = _unique(r.family for r in rows), _unique(r.temperature for r in rows)
-    fig, axes = _grid(plt, len(temps), len(sources))
-    for (i, t), (j, s) in ((a, b) for a in enumerate(temps) for b in enumerate(sources)):
-        ax, mine = axes[i][j], [r for r in rows if r.family == s and r.temperature == t]
-        for name in _unique(r.verifier for r in mine):
-            pts = _series(mine, name)
-            if pts:
-                ax.errorbar([r.k for r in pts], [r.optimal_iid - r.acceptance for r in pts], yerr=[r.ci95 for r in pts], marker="o", ms=3, capsize=2, label=name)
+    fig = _acceptance_panels(plt, report.acceptance, "temperature", "k", lambda r: r.optimal_iid - r.acceptance, False,
+                             lambda s, t: f"{s}, T = {t:g}", "drafts k", "optimum − acceptance")
+    for ax in fig.axes:
         ax.axhline(0, color="k", lw=1)
-        ax.set(title=f"{s}, T = {t:g}", xlabel="drafts k", ylabel="optimum − acceptance")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
     return fig
 
 
