@@ -24,9 +24,18 @@ def _tree_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
+def _import_plugins(modules) -> None:
+    """Import a user's modules first: registering a verifier is a side effect of importing."""
+    import importlib
+
+    for module in modules or []:
+        importlib.import_module(module)
+
+
 def cmd_compare(args) -> int:
     from .reports import CompareConfig, run_report, write_report
 
+    _import_plugins(args.imports)
     config = CompareConfig(out_dir=args.out)
     for key in ("verifiers", "families", "ks", "temperatures", "vocab", "pairs", "seed", "tree_shapes",
                 "prompts_file", "hf_target", "hf_draft", "context_length"):
@@ -60,13 +69,10 @@ def cmd_verifiers(args) -> int:
 
 
 def cmd_verify_exactness(args) -> int:
-    import importlib
-
     from .proofs import check_exactness
     from .verifiers import get_verifier
 
-    for module in args.imports or []:
-        importlib.import_module(module)  # a user's module that registers its verifier
+    _import_plugins(args.imports)
     verifier = get_verifier(args.name)
     report = check_exactness(verifier, max_k=args.max_k, samples=args.samples, seed=args.seed)
     for r in report.results:
@@ -93,6 +99,7 @@ def cmd_generate(args) -> int:
 
     from .engine import Engine, autoregressive_generate, demo_pair
 
+    _import_plugins(args.imports)
     if (args.target is None) != (args.draft is None):
         raise ValueError("give both --target and --draft (local Hugging Face model directories), or neither for the built-in pair")
     if args.threads:
@@ -162,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--no-costs", action="store_true", help="skip the verify-cost section")
     compare.add_argument("--quiet", action="store_true", help="no progress bar")
     compare.add_argument("--seed", type=int)
+    compare.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                       help="import this module first (it registers your verifier); repeatable")
     compare.add_argument("--out", default="multidraft-report", help="report directory")
     compare.set_defaults(run=cmd_compare)
     exact = sub.add_parser("verify-exactness", help="enumeration and chi-square exactness checks for one verifier")
@@ -195,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model-seed", type=int, default=0, help="initialisation seed of the built-in pair (default 0)")
     gen.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     gen.add_argument("--threads", type=int, help="torch.set_num_threads")
+    gen.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                       help="import this module first (it registers your verifier); repeatable")
     gen.add_argument("--compare", action="store_true", help="also time target-only decoding with the same settings")
     gen.set_defaults(run=cmd_generate)
     return parser

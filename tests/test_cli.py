@@ -59,3 +59,27 @@ def test_verify_exactness_rejects_a_wrong_verifier(capsys, monkeypatch):
 def test_verifiers_listing(capsys):
     assert main(["verifiers"]) == 0
     assert "rrs-wor" in capsys.readouterr().out
+
+
+def test_a_user_verifier_runs_in_the_report_and_the_engine(tmp_path, capsys, monkeypatch):
+    # Registered by importing the user's module: no change to the library.
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    try:
+        out = tmp_path / "report"
+        assert main(["compare", "--import", "custom_verifier", "--verifiers", "coin-flip-rrs,rrs", "--families", "",
+                     "--pairs", "16", "--ks", "1,2", "--temperatures", "1.0", "--tree-shapes", "2x2",
+                     "--no-costs", "--quiet", "--out", str(out)]) == 0
+        data = json.loads((out / "report.json").read_text())
+        mine = {r["k"]: r for r in data["rows"] if r["verifier"] == "coin-flip-rrs"}
+        theirs = {r["k"]: r for r in data["rows"] if r["verifier"] == "rrs"}
+        for k in (1, 2):  # the same scheme as rrs: its sampled estimate covers rrs's exact value
+            assert not mine[k]["exact_per_pair"] and theirs[k]["exact_per_pair"]
+            assert abs(mine[k]["acceptance"] - theirs[k]["acceptance"]) < 3 * mine[k]["ci95"] + 1e-9
+        engine = [r for r in data["engine"] if r["verifier"] == "coin-flip-rrs"]
+        assert engine and engine[0]["block_efficiency"] >= 1
+        capsys.readouterr()
+        assert main(["generate", "--import", "custom_verifier", "--verifier", "coin-flip-rrs", "-n", "6", "--device", "cpu"]) == 0
+        assert "verifier coin-flip-rrs" in capsys.readouterr().out
+    finally:
+        base._REGISTRY.pop("coin-flip-rrs", None)
+        sys.modules.pop("custom_verifier", None)

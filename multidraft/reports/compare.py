@@ -93,8 +93,9 @@ class CostRow:
     verifier: str
     vocab: int
     k: int
-    us_per_node: float | None
+    us_per_node: float | None  # median of the timed calls
     softmax_us_per_node: float
+    spread: float | None = None  # half the range (max - min) of the timed calls, µs per node
     note: str = ""
 
 
@@ -209,14 +210,17 @@ def run_engine(config: CompareConfig, pair: ModelPair, progress: Progress) -> li
     return rows
 
 
-def _median_seconds(fn, repeats: int = 3) -> float:
+def _timed_seconds(fn, repeats: int = 5) -> tuple[float, float]:
+    """(median, half the range) of ``repeats`` calls after a warm-up, in seconds.  Timings are
+    not independent draws, so the spread is what was seen, not a confidence interval."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    times.sort()
+    return times[len(times) // 2], (times[-1] - times[0]) / 2
 
 
 def run_costs(config: CompareConfig, progress: Progress, max_call_seconds: float = 2.0) -> list[CostRow]:
@@ -227,7 +231,7 @@ def run_costs(config: CompareConfig, progress: Progress, max_call_seconds: float
         logits = 3 * torch.randn(batch, vocab, generator=g)
         p = logits.softmax(-1)
         q = (logits + torch.randn(batch, vocab, generator=g)).softmax(-1)
-        softmax_us = _median_seconds(lambda: logits.softmax(-1)) / batch * 1e6
+        softmax_us = _timed_seconds(lambda: logits.softmax(-1))[0] / batch * 1e6
         for k in config.cost_ks:
             for name in config.verifiers:
                 verifier = make_verifier(config, name, validate_args=False)
@@ -238,8 +242,8 @@ def run_costs(config: CompareConfig, progress: Progress, max_call_seconds: float
                     verifier.verify(p, q, drafts, generator=g)
                     if time.perf_counter() - start > max_call_seconds:
                         raise ValueError(f"one call took over {max_call_seconds:g} s; not timed further")
-                    seconds = _median_seconds(lambda: verifier.verify(p, q, drafts, generator=g))
-                    rows.append(CostRow(name, vocab, k, seconds / batch * 1e6, softmax_us))
+                    seconds, spread = _timed_seconds(lambda: verifier.verify(p, q, drafts, generator=g))
+                    rows.append(CostRow(name, vocab, k, seconds / batch * 1e6, softmax_us, spread / batch * 1e6))
                 except ValueError as err:
                     rows.append(CostRow(name, vocab, k, None, softmax_us, note=str(err)))
                 progress.step(f"V={vocab} k={k} {name}")
@@ -315,9 +319,9 @@ def cost_table(rows: list[CostRow]) -> str:
         head = [str(r.vocab), str(r.k), r.verifier]
         if r.us_per_node is None:
             return head + ["n/a", f"{r.softmax_us_per_node:.2f}", r.note.split(";")[0]]
-        return head + [f"{r.us_per_node:.1f}", f"{r.softmax_us_per_node:.2f}", f"{r.us_per_node / r.softmax_us_per_node:.1f}"]
+        return head + [f"{r.us_per_node:.1f} ± {r.spread:.1f}", f"{r.softmax_us_per_node:.2f}", f"{r.us_per_node / r.softmax_us_per_node:.1f}"]
 
-    return _table(["V", "k", "verifier", "µs per node", "softmax µs per node", "× softmax"], rows, cells)
+    return _table(["V", "k", "verifier", "µs per node (median ± half range)", "softmax µs per node", "× softmax"], rows, cells)
 
 
 def write_report(config: CompareConfig, report: Report) -> Path:
@@ -352,7 +356,8 @@ def write_report(config: CompareConfig, report: Report) -> Path:
     if report.costs:
         text += (
             "\n## Cost of verify per node\n\n"
-            f"CPU, float32, {config.cost_batch} nodes per call, validation off, median of 3; a softmax "
+            f"CPU, float32, {config.cost_batch} nodes per call, validation off, median of 5 calls ± half "
+            "their range (timings are not independent draws: the range is what was seen); a softmax "
             "over the same logits for scale. Machine-dependent: benchmarks/verifiers.py has the "
             "careful version.\n\n" + cost_table(report.costs) + "\n"
         )
