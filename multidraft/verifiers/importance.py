@@ -33,8 +33,14 @@ LP covers the whole batch (HiGHS dual simplex through scipy; 136 variables per r
 defaults), so there is no Python loop over rows; p_I is then recomputed from the clipped
 weights, which makes the scheme exact however accurate the solver.
 
-k = 1 is plain speculative sampling (p_I = q).  k > 2 is refused: the paper's multi-stage
-extension is not implemented.  Proof and cost: docs/verifiers/importance.md.
+k > 2: the paper's multi-stage extension, a knockout.  The incumbent (the selected token so
+far, of law r) meets draft j (law q, independent): equal tokens keep the incumbent; otherwise
+the incumbent from unit u is kept against a newcomer from unit v with probability keep(u, v),
+one LP weight per ordered pair of units, chosen by the same LP with the new token law
+r'(y) = r(y) a_u + q(y) b_u  (a_u = sum_v Q_v keep(u, v), b_u = sum_v R_v (1 - keep(v, u))).
+Keeping the incumbent always is feasible, so acceptance never falls as k grows.  k = 1 is
+plain speculative sampling (p_I = q).  Up to k = 4 (each stage is one more LP).  Proof and
+cost: docs/verifiers/importance.md.
 """
 
 from __future__ import annotations
@@ -59,8 +65,9 @@ class Selection(NamedTuple):
     """The selection rule of a batch and the law it induces (float64, on p's device)."""
 
     unit: Tensor  # [B, V] the unit of each token: 0..top-1 single tokens, then the buckets
-    beats: Tensor  # [B, U, U] P(unit u's draft is selected | drafts from units u != v)
-    proposal: Tensor  # [B, V] p_I, the law of the selected token
+    stages: list[Tensor]  # k - 1 tensors [B, U, U]: at stage j, P(keep the incumbent from unit u
+    #                       against draft j from unit v != u); 1/2 within a unit
+    proposal: Tensor  # [B, V] p_I, the law of the finally selected token
 
 
 def _pair_index(units: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,22 +75,18 @@ def _pair_index(units: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def solve_weights(p_unit: np.ndarray, q_unit: np.ndarray) -> np.ndarray:
-    """LP weights [B, P]: for each pair of units a < b, P(a's draft is selected), one LP per
-    row, all rows in one block-diagonal problem.  p_unit, q_unit [B, U]: p and q mass per unit.
+def solve_pair_lp(p_unit: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Weights w [B, P] in [0, 1] for the unit pairs (a[i], b[i]), one LP per row, all rows in
+    one block-diagonal problem: maximize sum_u z_u subject to z_u <= P_u and z_u <= M_u, where
+    the selected token's mass in unit u is M_u = rhs_u + sum_{i: a_i = u} c_i w_i
+    - sum_{i: b_i = u} c_i w_i (w_i moves mass c_i from unit b_i to unit a_i).
 
-    The selected token lies in unit a with probability M_a = Q_a^2 + 2 Q_a sum_b Q_b W(a beats b)
-    (both drafts in a, or one in a that wins), and the LP maximizes sum_a min(P_a, M_a): exact
-    acceptance for single-token units, a pooled upper bound for buckets.
+    M_u is the exact acceptance of a single-token unit and a pooled upper bound for a bucket.
     """
-    batch, units = q_unit.shape
-    a, b = _pair_index(units)
+    batch, units = p_unit.shape
     n_pairs = a.size
     n = n_pairs + units  # variables per row: the weights, then z
-    c = 2.0 * q_unit[:, a] * q_unit[:, b]  # [B, P] mass of the pairs of units {a, b}
-    # z_u <= M_u  reads  z_u - sum_{b>u} c_ub w_ub + sum_{a<u} c_au w_au <= Q_u^2 + sum_{a<u} c_au.
-    lost = np.zeros((batch, units))
-    np.add.at(lost.T, b, c.T)  # sum_{a < u} c_au
+    # z_u - sum_{a_i = u} c_i w_i + sum_{b_i = u} c_i w_i <= rhs_u
     rows = np.arange(batch)[:, None]
     con = np.concatenate([rows * units + a, rows * units + b, rows * units + np.arange(units)], axis=1)
     var = np.concatenate([rows * n + np.arange(n_pairs), rows * n + np.arange(n_pairs), rows * n + n_pairs + np.arange(units)], axis=1)
@@ -98,11 +101,62 @@ def solve_weights(p_unit: np.ndarray, q_unit: np.ndarray) -> np.ndarray:
     bounds = np.zeros((batch, n, 2))
     bounds[:, :n_pairs, 1] = 1.0
     bounds[:, n_pairs:, 1] = p_unit
-    result = linprog(objective, A_ub=matrix, b_ub=(q_unit**2 + lost).ravel(), bounds=bounds.reshape(-1, 2),
-                     method="highs-ds", options=LP_OPTIONS)
+    result = linprog(objective, A_ub=matrix, b_ub=rhs.ravel(), bounds=bounds.reshape(-1, 2), method="highs-ds", options=LP_OPTIONS)
     if result.x is None:  # never seen; any weights in [0, 1] stay exact: fall back to a fair coin
         return np.full((batch, n_pairs), 0.5)
     return np.clip(result.x.reshape(batch, n)[:, :n_pairs], 0.0, 1.0)
+
+
+def _solve_rows(inputs: Tensor, solve) -> Tensor:
+    """``solve(distinct rows as numpy)`` for the distinct rows of ``inputs`` [B, W], spread back
+    to [B, ...].  Identical rows share one LP, so they get identical weights whatever the solver
+    does with ties (proofs.output_distribution batches every tuple of one (p, q))."""
+    distinct, inverse = torch.unique(inputs, dim=0, return_inverse=True)
+    return torch.from_numpy(solve(distinct.cpu().numpy())).to(inputs.device)[inverse]
+
+
+def first_stage(p_unit: Tensor, q_unit: Tensor) -> Tensor:
+    """[B, U, U] P(x1's unit wins | units u != v) for two i.i.d. drafts: one weight per unordered
+    pair (only the sum of the two orders matters), w moving mass 2 Q_a Q_b between a and b."""
+    batch, units = q_unit.shape
+    beats = torch.full((batch, units, units), 0.5, dtype=torch.float64, device=q_unit.device)
+    if units == 1:
+        return beats
+    a, b = _pair_index(units)
+
+    def solve(rows: np.ndarray) -> np.ndarray:
+        p_u, q_u = rows[:, :units], rows[:, units:]
+        c = 2.0 * q_u[:, a] * q_u[:, b]  # [B, P] mass of the pairs of units {a, b}
+        lost = np.zeros_like(q_u)
+        np.add.at(lost.T, b, c.T)  # b's share when w = 0 counts in rhs; w moves it to a
+        return solve_pair_lp(p_u, a, b, c, q_u**2 + lost)
+
+    w = _solve_rows(torch.cat([p_unit, q_unit], dim=1), solve)  # [B, P]
+    a, b = torch.from_numpy(a).to(q_unit.device), torch.from_numpy(b).to(q_unit.device)
+    beats[:, a, b] = w
+    beats[:, b, a] = 1 - w
+    return beats
+
+
+def later_stage(p_unit: Tensor, r_unit: Tensor, q_unit: Tensor) -> Tensor:
+    """[B, U, U] P(keep the incumbent from unit u | newcomer from unit v != u), for an incumbent
+    of law r against a new draft of law q (independent): one weight per ordered pair, w moving
+    mass R_u Q_v from v to u; the unit masses do not depend on the diagonal (1/2)."""
+    batch, units = q_unit.shape
+    keep = torch.full((batch, units, units), 0.5, dtype=torch.float64, device=q_unit.device)
+    if units == 1:
+        return keep
+    a, b = np.nonzero(~np.eye(units, dtype=bool))  # every ordered pair u != v
+
+    def solve(rows: np.ndarray) -> np.ndarray:
+        p_u, r_u, q_u = rows[:, :units], rows[:, units : 2 * units], rows[:, 2 * units :]
+        c = r_u[:, a] * q_u[:, b]  # incumbent in a, newcomer in b
+        # With every w = 0 the newcomer always wins: unit u holds Q_u * (total r) ...
+        return solve_pair_lp(p_u, a, b, c, q_u * r_u.sum(axis=1, keepdims=True))
+
+    w = _solve_rows(torch.cat([p_unit, r_unit, q_unit], dim=1), solve)  # [B, U(U-1)]
+    keep[:, torch.from_numpy(a).to(q_unit.device), torch.from_numpy(b).to(q_unit.device)] = w
+    return keep
 
 
 def assign_units(p64: Tensor, q64: Tensor, top: int, buckets: int) -> Tensor:
@@ -125,39 +179,46 @@ def assign_units(p64: Tensor, q64: Tensor, top: int, buckets: int) -> Tensor:
     return unit.scatter(1, order, torch.where(rest.gather(1, order), s + bucket, unit.gather(1, order)))
 
 
-def select(p: Tensor, q: Tensor, top: int, buckets: int) -> Selection:
-    """Units, LP weights and the selected token's law p_I for k = 2 i.i.d. drafts."""
+def select(p: Tensor, q: Tensor, k: int, top: int, buckets: int) -> Selection:
+    """Units, the weights of every stage and the selected token's law p_I for k i.i.d. drafts."""
     p64, q64 = p.double(), q.double()
     batch, vocab = p.shape
     unit = assign_units(p64, q64, top, buckets)
     units = min(top, vocab) + (buckets if top < vocab else 0)
-    q_unit = torch.zeros(batch, units, dtype=torch.float64, device=p.device).scatter_add_(1, unit, q64)
-    p_unit = torch.zeros_like(q_unit).scatter_add_(1, unit, p64)
-    beats = torch.full((batch, units, units), 0.5, dtype=torch.float64, device=p.device)
-    if units > 1:
-        # Identical rows share one LP, so they get identical weights whatever the solver does
-        # with ties (proofs.output_distribution batches every tuple of one (p, q)).
-        distinct, inverse = torch.unique(torch.cat([p_unit, q_unit], dim=1), dim=0, return_inverse=True)
-        solved = solve_weights(distinct[:, :units].cpu().numpy(), distinct[:, units:].cpu().numpy())
-        w = torch.from_numpy(solved).to(p.device)[inverse]  # [B, P]
-        a, b = (torch.from_numpy(i).to(p.device) for i in _pair_index(units))
-        beats[:, a, b] = w
-        beats[:, b, a] = 1 - w
-    # A token y of unit u is selected with probability q(y) * m_u, m_u = Q_u + 2 sum_{v != u} Q_v
-    # beats[u, v]: both drafts y; or y and another token of u (a fair coin); or y wins against
-    # another unit.  From the clipped weights: exact whatever the solver did.
-    off = beats * (1 - torch.eye(units, dtype=torch.float64, device=p.device))
-    scale = q_unit + 2 * (off @ q_unit.unsqueeze(-1)).squeeze(-1)  # [B, U]
-    return Selection(unit, beats, q64 * scale.gather(1, unit))
+
+    def per_unit(x: Tensor) -> Tensor:
+        return torch.zeros(batch, units, dtype=torch.float64, device=p.device).scatter_add_(1, unit, x)
+
+    p_unit, q_unit = per_unit(p64), per_unit(q64)
+    stages, law = [], q64
+    for stage in range(1, k):
+        # Recomputed from the clipped weights: exact whatever the solver did.  A token y of unit
+        # u ends up selected with probability r(y) a_u + q(y) b_u: it was the incumbent (law r)
+        # and was kept against the newcomer, a_u = sum_v Q_v keep[u, v]; or it is the newcomer
+        # and won, b_u = sum_v R_v (1 - keep[v, u]).  (Equal tokens: either way the same y.)
+        r_unit = per_unit(law)
+        keep = first_stage(p_unit, q_unit) if stage == 1 else later_stage(p_unit, r_unit, q_unit)
+        kept = (keep @ q_unit.unsqueeze(-1)).squeeze(-1)  # [B, U] a_u
+        won = ((1 - keep).transpose(1, 2) @ r_unit.unsqueeze(-1)).squeeze(-1)  # [B, U] b_u
+        law = law * kept.gather(1, unit) + q64 * won.gather(1, unit)
+        stages.append(keep)
+    return Selection(unit, stages, law)
 
 
-def selection_probabilities(selection: Selection, drafts: Tensor) -> tuple[Tensor, Tensor]:
-    """P(select x1), P(select x2) [B, 1] each, for drafts [B, 2] (equal drafts: 1 and 0)."""
-    u1, u2 = selection.unit.gather(1, drafts[:, :1]), selection.unit.gather(1, drafts[:, 1:2])  # [B, 1]
-    rows = torch.arange(drafts.shape[0], device=drafts.device)
-    first = selection.beats[rows, u1.squeeze(1), u2.squeeze(1)].unsqueeze(1)  # 1/2 within a unit
-    first = torch.where(drafts[:, :1] == drafts[:, 1:2], torch.ones_like(first), first)
-    return first, 1 - first
+def selection_probabilities(selection: Selection, drafts: Tensor) -> Tensor:
+    """P(draft i is the one finally selected) [B, k] for drafts [B, k] (a knockout: the
+    incumbent meets drafts 2, 3, ... in turn; equal tokens keep the incumbent)."""
+    batch, k = drafts.shape
+    units = selection.unit.gather(1, drafts)  # [B, k]
+    rows = torch.arange(batch, device=drafts.device).unsqueeze(1)
+    chance = torch.zeros(batch, k, dtype=torch.float64, device=drafts.device)
+    chance[:, 0] = 1
+    for j in range(1, k):
+        keep = selection.stages[j - 1][rows, units[:, :j], units[:, j : j + 1].expand(-1, j)]  # [B, j]
+        keep = torch.where(drafts[:, :j] == drafts[:, j : j + 1], torch.ones_like(keep), keep)
+        chance[:, j] = (chance[:, :j] * (1 - keep)).sum(dim=1)
+        chance[:, :j] = chance[:, :j] * keep
+    return chance
 
 
 def _single_draft_parts(p64: Tensor, proposal: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
@@ -171,7 +232,10 @@ def _single_draft_parts(p64: Tensor, proposal: Tensor, tokens: Tensor) -> tuple[
 class ImportanceSampling(Verifier):
     """Khisti et al.: select one draft by LP-chosen pair weights, then single-draft speculative sampling."""
 
-    max_drafts = 2  # the multi-stage extension to k > 2 is not implemented
+    # Each draft past the second adds a knockout stage and one LP of U(U-1) + U variables per
+    # row (256 at the defaults, about 20 ms a row): k = 8 costs ~60 ms a row.  Past 4 drafts use
+    # `optimal`, which is exact, optimal and cheaper.
+    max_drafts = 4
     iid_drafts = True
     exact_acceptance = True
 
@@ -184,10 +248,8 @@ class ImportanceSampling(Verifier):
 
     def _proposal_and_choice(self, p, q, drafts):
         """(p_I [B, V], P(select each draft) [B, k])."""
-        if drafts.shape[1] == 1:
-            return q.double(), torch.ones_like(drafts, dtype=torch.float64)
-        selection = select(p, q, self.top, self.buckets)
-        return selection.proposal, torch.cat(selection_probabilities(selection, drafts), dim=1)
+        selection = select(p, q, drafts.shape[1], self.top, self.buckets)
+        return selection.proposal, selection_probabilities(selection, drafts)
 
     def _draft(self, q, k, generator):
         return sample_categorical(q, k, generator)  # [B, k]
@@ -221,5 +283,5 @@ class ImportanceSampling(Verifier):
         return Verdict(token, first_match(drafts, token))
 
     def _expected_acceptance(self, p, q, k):
-        proposal = q.double() if k == 1 else select(p, q, self.top, self.buckets).proposal
+        proposal = select(p, q, k, self.top, self.buckets).proposal
         return torch.minimum(p.double(), proposal).sum(dim=-1).clamp(max=1).to(p.dtype)
