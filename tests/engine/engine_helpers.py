@@ -19,6 +19,71 @@ def full_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(ids, pos, mask, cache)
 
 
+@torch.no_grad()
+def check_tree_round(model, reference, vocab: int, tol: dict) -> None:
+    """Two requests with ragged cached lengths: prefill, score a tree, commit a non-contiguous
+    path, then continue; every logit must equal ``reference(ids)`` [B, T, V], a fresh causal
+    forward of the true sequence (or of a node's own branch)."""
+    from multidraft.engine.engine import commit_round, model_forward
+    from multidraft.engine.tree import pending_rows, pending_tokens, prefix_groups, tree_positions, tree_rows
+
+    g = torch.Generator().manual_seed(1)
+    bsz, total, k, depth = 2, 14, 3, 3
+    truth = torch.randint(0, vocab, (bsz, total), generator=g)  # the sequences we will end up with
+    full = reference(truth)  # [B, total, V]
+    cache = model.new_cache(bsz, 40)
+    seq = truth.clone()
+
+    # Prefill: request 0 has 5 tokens, request 1 has 3 (ragged pending block with padding).
+    seq_len = torch.tensor([5, 3])
+    ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)
+    logits = model_forward(model, cache, ids, pos, pending_rows(valid))
+    for b in range(bsz):
+        torch.testing.assert_close(logits[b, : count[b]], full[b, : count[b]], **tol)
+    cache.commit(torch.arange(valid.shape[1]).expand(bsz, -1), count)
+    assert cache.lens.tolist() == [5, 3]
+
+    # A tree whose sequence 1 is the truth; 0 and 2 share its first token, then diverge, so the
+    # true path is the nodes at slots (0, 0), (1, 1), (2, 1): not contiguous in the round's layout.
+    seq_len = torch.tensor([6, 4])  # one accepted token each, not yet cached (the pending block)
+    x = torch.empty(bsz, k, depth, dtype=torch.long)
+    for b in range(bsz):
+        nxt = truth[b, seq_len[b] : seq_len[b] + depth]
+        x[b, 1] = nxt
+        x[b, 0] = torch.stack([nxt[0], (nxt[1] + 1) % vocab, nxt[2]])
+        x[b, 2] = torch.stack([nxt[0], (nxt[1] + 2) % vocab, (nxt[2] + 5) % vocab])
+    canon = prefix_groups(x)
+    assert canon[:, :, 1].tolist() == [[0, 1, 1]] * bsz
+    ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)
+    top = torch.cat([pending_rows(valid), torch.zeros(bsz, valid.shape[1], depth * k, dtype=torch.bool)], 2)
+    rows = torch.cat([top, tree_rows(valid, canon)], 1)
+    tree_ids = x.transpose(1, 2).reshape(bsz, depth * k)
+    logits = model_forward(model, cache, torch.cat([ids, tree_ids], 1), torch.cat([pos, tree_positions(seq_len, canon)], 1), rows)
+    width = valid.shape[1]
+    for b in range(bsz):
+        n = int(seq_len[b])
+        torch.testing.assert_close(logits[b, 0], full[b, n - 1], **tol)  # the pending token
+        for level in range(depth):
+            slot = int(canon[b, level, 1])  # the node of sequence 1 at this depth
+            torch.testing.assert_close(logits[b, width + level * k + slot], full[b, n + level], **tol)
+        # A node off the true path sees its own branch: compare with that branch's fresh forward.
+        branch = torch.cat([truth[b, :n], x[b, 2]]).unsqueeze(0)
+        torch.testing.assert_close(logits[b, width + 2 * k + 2], reference(branch)[0, -1], **tol)
+
+    # Accept two tree nodes for request 0 and three for request 1; keep them, drop the rest.
+    accepted = torch.tensor([2, 3])
+    path = canon[:, :, 1]  # the slot of sequence 1's node at each depth
+    commit_round(cache, count, width, path, accepted, depth, k, active=torch.tensor([True, True]))
+    assert cache.lens.tolist() == [5 + 1 + 2, 3 + 1 + 3]
+
+    # Continue from the committed path: the next pending token must see exactly the truth.
+    seq_len = cache.lens + 1
+    ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)
+    logits = model_forward(model, cache, ids, pos, pending_rows(valid))
+    for b in range(bsz):
+        torch.testing.assert_close(logits[b, 0], full[b, int(seq_len[b]) - 1], **tol)
+
+
 def plain_greedy(model, prompt: list[int], n: int) -> list[int]:
     """Target-only greedy decoding, recomputing the whole sequence at every step."""
     seq = list(prompt)

@@ -10,16 +10,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from engine_helpers import check_tree_round
 from multidraft.engine import Engine
-from multidraft.engine.engine import commit_round, model_forward
 from multidraft.engine.hf import HFModel
-from multidraft.engine.tree import (
-    pending_rows,
-    pending_tokens,
-    prefix_groups,
-    tree_positions,
-    tree_rows,
-)
 
 VOCAB = 64
 # float64 models, but HF eager attention takes its softmax in float32: differences ~1e-8.
@@ -76,57 +69,12 @@ MODELS = [
 
 
 @pytest.mark.parametrize("build", MODELS)
-@torch.no_grad()
 def test_tree_round_and_commit_match_hf_forward(build):
     """Ragged prefill, a tree whose true path is non-contiguous in the round's layout, a commit
-    that gathers it into place, one more step: every logit equals HF's plain forward."""
+    that gathers it into place, one more step (engine_helpers): every logit equals HF's plain
+    forward."""
     hf = build(0)
-    model = HFModel(hf)
-    g = torch.Generator().manual_seed(1)
-    bsz, total, k, depth = 2, 14, 3, 3
-    truth = torch.randint(0, VOCAB, (bsz, total), generator=g)
-    full = hf_logits(hf, truth)  # [B, total, V]
-    cache = model.new_cache(bsz, 40)
-    seq = truth.clone()
-
-    seq_len = torch.tensor([5, 3])
-    ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)
-    logits = model_forward(model, cache, ids, pos, pending_rows(valid))
-    for b in range(bsz):
-        torch.testing.assert_close(logits[b, : count[b]], full[b, : count[b]], **TOL)
-    cache.commit(torch.arange(valid.shape[1]).expand(bsz, -1), count)
-
-    seq_len = torch.tensor([6, 4])
-    x = torch.empty(bsz, k, depth, dtype=torch.long)
-    for b in range(bsz):
-        nxt = truth[b, seq_len[b] : seq_len[b] + depth]
-        x[b, 1] = nxt
-        x[b, 0] = torch.stack([nxt[0], (nxt[1] + 1) % VOCAB, nxt[2]])
-        x[b, 2] = torch.stack([nxt[0], (nxt[1] + 2) % VOCAB, (nxt[2] + 5) % VOCAB])
-    canon = prefix_groups(x)
-    ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)
-    top = torch.cat([pending_rows(valid), torch.zeros(bsz, valid.shape[1], depth * k, dtype=torch.bool)], 2)
-    rows = torch.cat([top, tree_rows(valid, canon)], 1)
-    tree_ids = x.transpose(1, 2).reshape(bsz, depth * k)
-    logits = model_forward(model, cache, torch.cat([ids, tree_ids], 1), torch.cat([pos, tree_positions(seq_len, canon)], 1), rows)
-    width = valid.shape[1]
-    for b in range(bsz):
-        n = int(seq_len[b])
-        torch.testing.assert_close(logits[b, 0], full[b, n - 1], **TOL)
-        for level in range(depth):
-            slot = int(canon[b, level, 1])
-            torch.testing.assert_close(logits[b, width + level * k + slot], full[b, n + level], **TOL)
-        branch = torch.cat([truth[b, :n], x[b, 2]]).unsqueeze(0)
-        torch.testing.assert_close(logits[b, width + 2 * k + 2], hf_logits(hf, branch)[0, -1], **TOL)
-
-    accepted = torch.tensor([2, 3])
-    commit_round(cache, count, width, canon[:, :, 1], accepted, depth, k, active=torch.tensor([True, True]))
-    assert cache.lens.tolist() == [8, 7]
-    seq_len = cache.lens + 1
-    ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)
-    logits = model_forward(model, cache, ids, pos, pending_rows(valid))
-    for b in range(bsz):
-        torch.testing.assert_close(logits[b, 0], full[b, int(seq_len[b]) - 1], **TOL)
+    check_tree_round(HFModel(hf), lambda ids: hf_logits(hf, ids), VOCAB, TOL)
 
 
 PROMPTS = [[3, 1, 4, 1, 5], [9], [2, 6, 5, 3, 5, 8, 9, 7]]
