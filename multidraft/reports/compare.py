@@ -30,7 +30,7 @@ from .. import proofs
 from ..verifiers import available_verifiers, get_verifier
 from .families import FAMILIES
 from .progress import Progress
-from .sources import ModelPair, contexts_from_prompts, contexts_from_text, hf_pair, pair_logits, shipped_pair
+from .sources import ModelPair, contexts_from_prompts, hf_pair, pair_logits, shipped_pair
 
 
 @dataclass

@@ -56,16 +56,6 @@ def hf_pair(target_dir: str, draft_dir: str) -> ModelPair:
     return ModelPair(name, f"transformers pair: target {target_dir}, draft {draft_dir}", target, draft, encode, target.vocab_size)
 
 
-def contexts_from_text(text: str, encode, count: int, length: int, seed: int) -> Tensor:
-    """``count`` windows [count, length] of the encoded text at positions drawn with ``seed``."""
-    ids = encode(text)
-    if ids.numel() <= length:
-        raise ValueError(f"the prompt text encodes to {ids.numel()} tokens; contexts of length {length} need more")
-    g = torch.Generator().manual_seed(seed)
-    start = torch.randint(0, ids.numel() - length, (count,), generator=g)
-    return torch.stack([ids[s : s + length] for s in start.tolist()])
-
-
 def contexts_from_prompts(path: str | Path, encode, length: int) -> list[Tensor]:
     """One context per non-empty line of a prompts file (its last ``length`` tokens)."""
     lines = [line for line in Path(path).read_text().splitlines() if line.strip()]

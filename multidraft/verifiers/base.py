@@ -278,15 +278,31 @@ def sample_categorical(q: Tensor, k: int, generator: torch.Generator | None = No
 CDF_BLOCK = 128  # tokens per block in the two-level inverse CDF
 
 
-def block_view(x: Tensor, width: int) -> tuple[Tensor, Tensor]:
-    """(x's whole blocks as a view [B, V // width, width], the last V mod width columns [B, r]).
+def block_reduce(x: Tensor, reduce) -> Tensor:
+    """``reduce(block, dim=-1)`` of every block of CDF_BLOCK columns of x [B, V]: [B, nb], the
+    last block partial when CDF_BLOCK does not divide V.
 
-    Reductions over the blocks read x once, like one reduction over the row, but leave a
-    [B, V / width] summary that later steps can search instead of the row.
+    One read of x, like one reduction over the row, but it leaves a [B, V / CDF_BLOCK] summary
+    that later steps can search instead of the row.
     """
     batch, vocab = x.shape
-    whole = vocab - vocab % width
-    return x[:, :whole].reshape(batch, whole // width, width), x[:, whole:]
+    whole = vocab - vocab % CDF_BLOCK
+    out = reduce(x[:, :whole].reshape(batch, whole // CDF_BLOCK, CDF_BLOCK), dim=-1)  # [B, V // CDF_BLOCK]
+    if whole < vocab:
+        out = torch.cat([out, reduce(x[:, whole:], dim=-1, keepdim=True)], dim=1)
+    return out
+
+
+def block_weights(weights: Tensor, block: Tensor, exclude: Tensor | None = None) -> Tensor:
+    """The entries [B, k, CDF_BLOCK] of the blocks ``block`` [B, k] of weights [B, V]; columns
+    past V (in a partial last block) and the ``exclude`` column [B, 1] read as 0."""
+    vocab = weights.shape[1]
+    columns = block.unsqueeze(-1) * CDF_BLOCK + torch.arange(CDF_BLOCK, device=weights.device)
+    inside = weights.gather(1, columns.clamp(max=vocab - 1).flatten(1)).view(columns.shape)
+    keep = columns < vocab
+    if exclude is not None:
+        keep &= columns != exclude.unsqueeze(-1)
+    return torch.where(keep, inside, torch.zeros_like(inside))
 
 
 def inverse_cdf(weights: Tensor, u: Tensor, exclude: Tensor | None = None) -> Tensor:
@@ -307,36 +323,21 @@ def inverse_cdf(weights: Tensor, u: Tensor, exclude: Tensor | None = None) -> Te
             weights = weights.scatter(1, exclude, 0.0)
         cdf = weights.cumsum(dim=-1)  # [B, V]
         return _search_cdf(cdf, _below_total(u * cdf[:, -1:], cdf[:, -1:]))
-    blocks, tail = block_view(weights, CDF_BLOCK)
-    block_sums = blocks.sum(dim=-1)  # [B, nb]
-    if tail.shape[1]:
-        block_sums = torch.cat([block_sums, tail.sum(dim=-1, keepdim=True)], dim=1)
+    block_sums = block_reduce(weights, torch.sum)  # [B, nb]
     if exclude is not None:
         # The excluded column's block is summed again without it (subtracting its weight
         # from the block sum would cancel when that weight dominates the block).
         home = exclude // CDF_BLOCK  # [B, 1]
-        home_weights = _block_weights(weights, home, exclude)  # [B, 1, CDF_BLOCK]
+        home_weights = block_weights(weights, home, exclude)  # [B, 1, CDF_BLOCK]
         block_sums = block_sums.scatter(1, home, home_weights.sum(dim=-1))
     block_cdf = block_sums.cumsum(dim=-1)  # [B, nb]
     target = _below_total(u * block_cdf[:, -1:], block_cdf[:, -1:])  # [B, k]
     block = _search_cdf(block_cdf, target)  # [B, k]
     below = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(target))
-    inside_cdf = _block_weights(weights, block, exclude).cumsum(dim=-1)  # [B, k, CDF_BLOCK]
+    inside_cdf = block_weights(weights, block, exclude).cumsum(dim=-1)  # [B, k, CDF_BLOCK]
     # Rounding can put target - below at or past the block's own total: keep it inside.
     offset = _search_cdf(inside_cdf, _below_total((target - below).clamp(min=0).unsqueeze(-1), inside_cdf[..., -1:]))
     return block * CDF_BLOCK + offset.squeeze(-1)
-
-
-def _block_weights(weights: Tensor, block: Tensor, exclude: Tensor | None) -> Tensor:
-    """The weights [B, k, CDF_BLOCK] of the blocks ``block`` [B, k]; columns past V (in a
-    partial last block) and the ``exclude`` column [B, 1] weigh 0."""
-    vocab = weights.shape[1]
-    columns = block.unsqueeze(-1) * CDF_BLOCK + torch.arange(CDF_BLOCK, device=weights.device)
-    inside = weights.gather(1, columns.clamp(max=vocab - 1).flatten(1)).view(columns.shape)
-    keep = columns < vocab
-    if exclude is not None:
-        keep &= columns != exclude.unsqueeze(-1)
-    return torch.where(keep, inside, torch.zeros_like(inside))
 
 
 def _below_total(target: Tensor, total: Tensor) -> Tensor:

@@ -44,7 +44,8 @@ from .base import (
     CDF_BLOCK,
     Verdict,
     Verifier,
-    block_view,
+    block_reduce,
+    block_weights,
     first_match,
     inverse_cdf,
     register_verifier,
@@ -64,15 +65,9 @@ def hub_and_rest(q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     normal number counts as 0, and draft() then repeats the hub, so every function here sees
     the same scheme.
     """
-    blocks, tail = block_view(q, CDF_BLOCK)
-    block_max, block_sum = blocks.amax(dim=-1), blocks.sum(dim=-1)  # [B, nb] each
-    if tail.shape[1]:  # a partial last block
-        block_max = torch.cat([block_max, tail.amax(dim=-1, keepdim=True)], dim=1)
-        block_sum = torch.cat([block_sum, tail.sum(dim=-1, keepdim=True)], dim=1)
+    block_max, block_sum = block_reduce(q, torch.amax), block_reduce(q, torch.sum)  # [B, nb] each
     _, block = block_max.max(dim=-1, keepdim=True)  # [B, 1] the first block reaching the max
-    columns = block * CDF_BLOCK + torch.arange(CDF_BLOCK, device=q.device)  # [B, CDF_BLOCK]
-    inside = q.gather(1, columns.clamp(max=q.shape[1] - 1))
-    inside = torch.where(columns < q.shape[1], inside, torch.zeros_like(inside))  # past V: 0
+    inside = block_weights(q, block).squeeze(1)  # [B, CDF_BLOCK]; past V: 0
     q_hub, offset = inside.max(dim=-1, keepdim=True)
     rest = block_sum.scatter(1, block, 0.0).sum(dim=-1, keepdim=True) + inside.scatter(1, offset, 0.0).sum(dim=-1, keepdim=True)
     rest = torch.where(rest >= torch.finfo(q.dtype).tiny, rest, torch.zeros_like(rest))
