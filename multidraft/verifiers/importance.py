@@ -72,11 +72,6 @@ class Selection(NamedTuple):
     proposal: Tensor  # [B, V] p_I, the law of the finally selected token
 
 
-def _pair_index(units: int) -> tuple[np.ndarray, np.ndarray]:
-    a, b = np.triu_indices(units, k=1)  # every a < b
-    return a, b
-
-
 def solve_pair_lp(p_unit: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """Weights w [B, P] in [0, 1] for the unit pairs (a[i], b[i]), one LP per row, all rows in
     one block-diagonal problem: maximize sum_u z_u subject to z_u <= P_u and z_u <= M_u, where
@@ -129,7 +124,7 @@ def first_stage(p_unit: Tensor, q_unit: Tensor) -> Tensor:
     beats = torch.full((batch, units, units), 0.5, dtype=torch.float64, device=q_unit.device)
     if units == 1:
         return beats
-    a, b = _pair_index(units)
+    a, b = np.triu_indices(units, k=1)  # every unordered pair a < b
 
     def solve(rows: np.ndarray) -> np.ndarray:
         p_u, q_u = rows[:, :units], rows[:, units:]
@@ -158,7 +153,7 @@ def later_stage(p_unit: Tensor, r_unit: Tensor, q_unit: Tensor) -> Tensor:
     def solve(rows: np.ndarray) -> np.ndarray:
         p_u, r_u, q_u = rows[:, :units], rows[:, units : 2 * units], rows[:, 2 * units :]
         c = r_u[:, a] * q_u[:, b]  # incumbent in a, newcomer in b
-        # With every w = 0 the newcomer always wins: unit u holds Q_u * (total r) ...
+        # With every w = 0 the newcomer always wins, so unit u holds Q_u times r's total mass.
         return solve_pair_lp(p_u, a, b, c, q_u * r_u.sum(axis=1, keepdims=True))
 
     w = _solve_rows(torch.cat([p_unit, r_unit, q_unit], dim=1), solve)  # [B, U(U-1)]
