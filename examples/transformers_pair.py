@@ -49,8 +49,7 @@ def build_pair(root: Path) -> tuple[Path, Path]:
 def main(out_dir: str) -> None:
     root = Path(tempfile.mkdtemp(prefix="multidraft-hf-"))
     target_dir, draft_dir = build_pair(root)
-    target = HFModel(LlamaForCausalLM.from_pretrained(target_dir, attn_implementation="sdpa"))
-    draft = HFModel(LlamaForCausalLM.from_pretrained(draft_dir, attn_implementation="sdpa"))
+    target, draft = HFModel.from_pretrained(str(target_dir)), HFModel.from_pretrained(str(draft_dir))
 
     prompt = [[CHARS.index(c) for c in "def main():"]]
     out = Engine(target, draft, verifier="rrs-wor", num_drafts=2, depth=3).generate(prompt, 24, temperature=1.0, seed=0)

@@ -86,18 +86,10 @@ def cmd_verify_exactness(args) -> int:
     return 0
 
 
-def _load_hf(path: str):
-    from transformers import AutoModelForCausalLM
-
-    from .engine import HFModel
-
-    return HFModel(AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa"))
-
-
 def cmd_generate(args) -> int:
     import torch
 
-    from .engine import Engine, autoregressive_generate, demo_pair
+    from .engine import Engine, HFModel, autoregressive_generate, demo_pair
 
     _import_plugins(args.imports)
     if (args.target is None) != (args.draft is None):
@@ -106,7 +98,7 @@ def cmd_generate(args) -> int:
         torch.set_num_threads(args.threads)
     decode = None
     if args.target is not None:
-        target, draft = _load_hf(args.target), _load_hf(args.draft)
+        target, draft = HFModel.from_pretrained(args.target), HFModel.from_pretrained(args.draft)
         pair = f"target {args.target}, draft {args.draft}"
     elif args.pair == "demo":
         target, draft = demo_pair(seed=args.model_seed)

@@ -123,6 +123,13 @@ class HFModel(nn.Module):
         sliding = window is not None and (layer_types is None or "sliding_attention" in layer_types)
         self.sliding_window = int(window) if sliding and getattr(config, "use_sliding_window", True) is not False else None
 
+    @classmethod
+    def from_pretrained(cls, path: str, attn_implementation: str = "sdpa") -> HFModel:
+        """A local causal-LM directory (``AutoModelForCausalLM``), in eval mode, wrapped."""
+        from transformers import AutoModelForCausalLM
+
+        return cls(AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation).eval())
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype

@@ -41,13 +41,12 @@ def shipped_pair() -> ModelPair:
 
 def hf_pair(target_dir: str, draft_dir: str) -> ModelPair:
     """A transformers causal-LM pair from local directories (the target's tokenizer encodes)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ..engine import HFModel
 
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    target = HFModel(AutoModelForCausalLM.from_pretrained(target_dir, attn_implementation="eager").eval())
-    draft = HFModel(AutoModelForCausalLM.from_pretrained(draft_dir, attn_implementation="eager").eval())
+    target, draft = HFModel.from_pretrained(target_dir), HFModel.from_pretrained(draft_dir)
 
     def encode(text: str) -> Tensor:
         return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
