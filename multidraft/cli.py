@@ -24,6 +24,14 @@ def _tree_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
+def _widths(text: str) -> list[int]:
+    """"4,2,1" -> [4, 2, 1]: children per node at each depth of a branching tree."""
+    items = text.split(",")
+    if not all(item.strip().isdigit() for item in items):
+        raise argparse.ArgumentTypeError(f"widths are comma-separated ints (children per node at each depth), got {text!r}")
+    return [int(item) for item in items]
+
+
 def _import_plugins(modules) -> None:
     """Import a user's modules first: registering a verifier is a side effect of importing."""
     import importlib
@@ -119,7 +127,8 @@ def cmd_generate(args) -> int:
             options[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             options[key] = text
-    engine = Engine(target, draft, verifier=args.verifier, num_drafts=args.num_drafts, depth=args.depth, device=args.device, **options)
+    engine = Engine(target, draft, verifier=args.verifier, num_drafts=args.num_drafts, depth=args.depth, device=args.device,
+                    widths=args.widths, **options)
     prompt = args.prompt or [1]
     prompts = [prompt] * args.batch
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -129,7 +138,8 @@ def cmd_generate(args) -> int:
     for b in range(out.tokens.shape[0]):
         ids = out.tokens[b, : int(out.lengths[b])].tolist()
         print(repr(decode(ids)) if decode is not None else " ".join(str(t) for t in ids))
-    print(f"\nverifier {engine.verifier.name}  k={args.num_drafts}  depth={args.depth}  batch={args.batch}  T={args.temperature}")
+    shape = f"widths={','.join(map(str, engine.widths))}" if engine.widths else f"k={engine.num_drafts}  depth={engine.depth}"
+    print(f"\nverifier {engine.verifier.name}  {shape}  batch={args.batch}  T={args.temperature}")
     print(f"block efficiency {s.block_efficiency:.3f} tokens/pass   target passes {s.target_passes}   draft passes {s.draft_passes}")
     print("acceptance by depth " + " ".join(f"{a:.3f}" for a in s.acceptance_by_depth))
     print(f"{s.new_tokens} tokens in {s.seconds:.3f} s = {s.tokens_per_second:.1f} tokens/s")
@@ -178,8 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="speculative decoding with a verifier on a model pair; prints tokens and stats")
     gen.add_argument("--verifier", default="rrs", help="registered verifier name (default rrs)")
     gen.add_argument("--verifier-option", action="append", metavar="KEY=VALUE", help="extra verifier constructor option (a Python literal, else a string); repeatable")
-    gen.add_argument("--num-drafts", "-k", type=int, default=2, help="draft sequences per round (default 2)")
-    gen.add_argument("--depth", "-d", type=int, default=3, help="draft tokens per sequence (default 3)")
+    gen.add_argument("--num-drafts", "-k", type=int, default=None, help="draft sequences per round (default 2)")
+    gen.add_argument("--depth", "-d", type=int, default=None, help="draft tokens per sequence (default 3)")
+    gen.add_argument("--widths", type=_widths, default=None, metavar="W1,W2,...",
+                     help="a branching tree instead of sequences: W1 children at the root, W2 under each of them, ...")
     gen.add_argument("--max-new-tokens", "-n", type=int, default=32)
     gen.add_argument("--temperature", "-t", type=float, default=1.0, help="0 = greedy (default 1.0)")
     gen.add_argument("--top-k", type=int)

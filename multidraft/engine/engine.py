@@ -34,7 +34,8 @@ from ..verifiers.base import Verdict, first_match, sample_categorical, sample_fr
 from .cache import KVCache
 from .models import _check_vocab
 from .sampling import SamplingConfig, logits_to_probs
-from .tree import attention_mask, pending_rows, pending_tokens, prefix_groups, tree_positions, tree_rows
+from .tree import (attention_mask, branching_canon, pending_rows, pending_tokens, prefix_groups, subtree_spans,
+                   tree_positions, tree_rows)
 
 __all__ = ["Engine", "GenerationOutput", "GenerationStats", "autoregressive_generate"]
 
@@ -89,54 +90,68 @@ def greedy_roots(logits: Tensor, k: int) -> Tensor:
     return torch.cat([top, top[:, :1].expand(-1, k - top.shape[1])], dim=1)
 
 
-def draft_tree(draft, cache, seq, seq_len, verifier, k, depth, sampling, random: RequestRandom):
-    """Draft k sequences of ``depth`` tokens per request.
+def draft_tree(draft, cache, seq, seq_len, verifier, k, depth, sampling, random: RequestRandom, widths=None):
+    """Draft the round's tree: k sequences of ``depth`` tokens per request, or, with ``widths``,
+    a branching tree (widths[l] children per node at depth l) laid out as its k paths.
 
     Returns x [B, k, D] (the tokens), q_levels [B, D, k, V] (draft probs at the node of each
-    slot: level 0 is the root, stored in slot 0; level l >= 1 the nodes at depth l), and the
-    draft's pending block (valid [B, P], count [B]) for the commit.
+    slot: level 0 is the root, stored in slot 0; level l >= 1 the nodes at depth l), canon
+    [B, D, k] (tree.py) and the draft's pending block (valid [B, P], count [B]) for the commit.
     """
     ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)  # [B, P]
     logits = model_forward(draft, cache, ids, pos, pending_rows(valid))  # [B, P, V]
-    last = (count - 1).view(-1, 1, 1).expand(-1, 1, logits.shape[-1])
-    root_logits = logits.gather(1, last).squeeze(1)  # [B, V]
-    q_root = logits_to_probs(root_logits, sampling)  # [B, V]
-    # First level: the verifier's own scheme (k i.i.d. draws from q for i.i.d. verifiers).  Greedy
-    # decoding verifies by matching the target's argmax, so any drafts are exact: the draft's k
-    # most likely tokens, each continued greedily, give k distinct chances instead of one chain.
+    vocab = logits.shape[-1]
+    last = (count - 1).view(-1, 1, 1).expand(-1, 1, vocab)
+    root_logits = logits.gather(1, last)  # [B, 1, V]
+    q_root = logits_to_probs(root_logits, sampling)  # [B, 1, V]
     every = torch.arange(seq.shape[0], device=seq.device)  # [B]
-    if sampling.greedy:
-        first = greedy_roots(root_logits, k)
-    else:
-        first = random.draw(lambda q, g: verifier.draft(q, k, g), every, q_root)  # [B, k]
-    x = [first]  # D tensors [B, k]
-    q_levels = [q_root.unsqueeze(1).expand(-1, k, -1)]  # D tensors [B, k, V]
+
+    def children(node_logits: Tensor, q_nodes: Tensor, width: int) -> Tensor:
+        """``width`` children for each of n nodes [B, n] -> tokens [B, n * width], by the
+        verifier's own scheme.  Greedy decoding verifies by matching the target's argmax, so
+        any drafts are exact: the draft's ``width`` most likely tokens give distinct chances."""
+        if sampling.greedy:
+            return greedy_roots(node_logits.reshape(-1, vocab), width).view(seq.shape[0], -1)
+        return random.draw(lambda q, g: verifier.draft(q.reshape(-1, vocab), width, g).view(q.shape[0], -1), every, q_nodes)
+
+    spans = subtree_spans(widths) if widths else None
+    shape_canon = branching_canon(widths, seq.shape[0], seq.device) if widths else None
+    first = children(root_logits, q_root, widths[0] if widths else k)  # [B, widths[0] or k]
+    x = [first.repeat_interleave(spans[0], dim=1) if widths else first]  # D tensors [B, k]
+    q_levels = [q_root.expand(-1, k, -1)]  # D tensors [B, k, V]
     for level in range(1, depth):
-        canon = prefix_groups(torch.stack(x, dim=2))  # [B, level, k]
+        canon = shape_canon[:, :level] if widths else prefix_groups(torch.stack(x, dim=2))  # [B, level, k]
         rows = tree_rows(valid, canon)[:, (level - 1) * k :]  # [B, k, P + level*k]
         pos = tree_positions(seq_len, canon)[:, (level - 1) * k :]  # [B, k]
         logits = model_forward(draft, cache, x[-1], pos, rows)  # [B, k, V]
-        q_nodes = logits_to_probs(logits, sampling)  # [B, k, V] (duplicates: unused)
-        # Every sequence samples its next token from q at its node (the group's first slot).
-        node = canon[:, -1].unsqueeze(-1).expand_as(q_nodes)  # [B, k, V]
+        q_nodes = logits_to_probs(logits, sampling)  # [B, k, V] (padding slots: unused)
+        node = canon[:, -1].unsqueeze(-1).expand_as(q_nodes)  # [B, k, V] each slot's node
         q_seq = q_nodes.gather(1, node)  # [B, k, V]
-        x.append(random.draw(lambda q, g: sample_categorical(q.reshape(-1, q.shape[-1]), 1, g).view(-1, k), every, q_seq))
+        if widths:  # every node draws its own children; node n's first path is slot n
+            heads = slice(None, None, spans[level - 1])
+            new = children(logits[:, heads], q_nodes[:, heads], widths[level]).repeat_interleave(spans[level], dim=1)
+        elif sampling.greedy:  # each sequence continues greedily (q is one-hot at the argmax)
+            new = q_seq.argmax(dim=-1)
+        else:  # each sequence samples its next token from q at its node
+            new = random.draw(lambda q, g: sample_categorical(q.reshape(-1, vocab), 1, g).view(-1, k), every, q_seq)
+        x.append(new)
         q_levels.append(q_seq)
-    return torch.stack(x, dim=2), torch.stack(q_levels, dim=1), valid, count
+    x = torch.stack(x, dim=2)  # [B, k, D]
+    canon = shape_canon if widths else prefix_groups(x)
+    return x, torch.stack(q_levels, dim=1), canon, valid, count
 
 
 # ---- 2. score ------------------------------------------------------------------------------
 
 
-def score_tree(target, cache, seq, seq_len, x, sampling):
-    """One target forward over the pending tokens and every tree slot.
+def score_tree(target, cache, seq, seq_len, x, canon, sampling):
+    """One target forward over the pending tokens and every tree slot (canon [B, D, k]).
 
     Returns p_levels [B, D+1, k, V] (target probs after the root (level 0, slot 0) and after
-    each node at depth l (level l, slot i)), canon [B, D, k], and the pending block.
+    each node at depth l (level l, slot i)) and the pending block.
     """
     bsz, k, depth = x.shape
     ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)  # [B, P]
-    canon = prefix_groups(x)  # [B, D, k]
     width = valid.shape[1] + depth * k
     top = torch.cat([pending_rows(valid), torch.zeros(bsz, valid.shape[1], depth * k, dtype=torch.bool, device=x.device)], dim=2)
     rows = torch.cat([top, tree_rows(valid, canon)], dim=1)  # [B, P + D*k, P + D*k]
@@ -148,23 +163,27 @@ def score_tree(target, cache, seq, seq_len, x, sampling):
     p_root = logits_to_probs(logits.gather(1, last).squeeze(1), sampling)  # [B, V]
     p_tree = logits_to_probs(logits[:, valid.shape[1] :].reshape(bsz, depth, k, vocab), sampling)
     p_levels = torch.cat([p_root.view(bsz, 1, 1, vocab).expand(-1, 1, k, -1), p_tree], dim=1)
-    return p_levels, canon, valid, count
+    return p_levels, valid, count
 
 
 # ---- 3. verify -----------------------------------------------------------------------------
 
 
-def walk_tree(verifier, p_levels, q_levels, x, canon, active, random: RequestRandom, stats_reached, stats_accepted):
+def walk_tree(verifier, p_levels, q_levels, x, canon, active, random: RequestRandom, stats_reached, stats_accepted, spans=None):
     """Walk each active request's tree from the root; return (emitted [B, D+1], accepted [B],
     path [B, D]): the first accepted[b] + 1 entries of emitted[b] are the round's new tokens,
     path[b, l] the slot of the accepted node at depth l + 1.
 
-    At depth l the drafts are the level-l tokens of the sequences still alive (those whose
-    tokens equal every emitted token so far), m of them, in sequence order.  Rows with the
-    same m share one verifier call.
+    Drafts at a node of depth l: for drafted sequences (``spans`` None), the level-l tokens of
+    the sequences still alive (those whose tokens equal every emitted token so far), m of them,
+    in sequence order; rows with the same m share one verifier call.  For a branching tree
+    (``spans`` from tree.subtree_spans), the node's own children: the first path of each.
+    Either way the child taken is the node of the first draft equal to the emitted token, and
+    the paths through it stay alive.
     """
     bsz, k, depth = x.shape
     device = x.device
+    slot = torch.arange(k, device=device)  # [k]
     alive = torch.ones(bsz, k, dtype=torch.bool, device=device)  # sequences through the node
     node = torch.zeros(bsz, dtype=torch.long, device=device)  # current node's slot at its level
     walking = active.clone()
@@ -180,8 +199,10 @@ def walk_tree(verifier, p_levels, q_levels, x, canon, active, random: RequestRan
         if p.dtype != q.dtype:  # one model in float64, one not: meet at float32
             p, q = p.float(), q.float()
         live = alive[rows]  # [n, k]
+        if spans is not None:
+            live = live & (slot % spans[level] == 0)  # one path per child
         tokens = x[rows, :, level]  # [n, k]
-        # Alive sequences first, each group in sequence order (a stable sort).
+        # Live slots first, each group in slot order (a stable sort).
         order = torch.sort((~live).to(torch.uint8), dim=1, stable=True).indices
         drafts = tokens.gather(1, order)  # [n, k]
         m = live.sum(dim=1)  # [n]
@@ -190,13 +211,12 @@ def walk_tree(verifier, p_levels, q_levels, x, canon, active, random: RequestRan
             sel = (m == count).nonzero().squeeze(1)
             token[sel] = random.draw(lambda p_, q_, d_, g: verifier.verify(p_, q_, d_, g).token,
                                      rows[sel], p[sel], q[sel], drafts[sel, :count].contiguous())
-        follow = live & (tokens == token.unsqueeze(1))  # [n, k] sequences through the child
-        hit = follow.any(dim=1)  # [n] the emitted token has a child in the tree
-        # The child is the node of any following sequence; all of them share it (its canon).
-        first = torch.where(follow, torch.arange(k, device=device), k).amin(dim=1, keepdim=True).clamp(max=k - 1)
+        match = live & (tokens == token.unsqueeze(1))  # [n, k]
+        hit = match.any(dim=1)  # [n] the emitted token has a child in the tree
+        first = torch.where(match, slot, k).amin(dim=1, keepdim=True).clamp(max=k - 1)
         child = canon[rows, level].gather(1, first).squeeze(1)  # [n]
         emitted[rows, level] = token
-        alive[rows] = follow
+        alive[rows] = (canon[rows, level] == child.unsqueeze(1)) & hit.unsqueeze(1)  # paths through the child
         node[rows] = torch.where(hit, child, node[rows])
         path[rows, level] = child
         accepted[rows] += hit.long()
@@ -309,7 +329,8 @@ def check_deep_tree_support(verifier: Verifier, depth: int) -> None:
         if verifier.min_drafts > 1:
             raise ValueError(
                 f"verifier {verifier.name!r} needs >= {verifier.min_drafts} drafts at every node, but below the "
-                f"root a node can have a single survivor; use depth = 1 (got depth = {depth})"
+                f"root a node can have a single survivor; use depth = 1 (got depth = {depth}), or a branching tree "
+                f"(widths=...), where every node draws its own drafts"
             )
         return
     if verifier.distinct_drafts and one_draft_is_a_plain_draw(verifier):
@@ -317,8 +338,40 @@ def check_deep_tree_support(verifier: Verifier, depth: int) -> None:
     raise ValueError(
         f"verifier {verifier.name!r} drafts by its own non-i.i.d. scheme, which this engine supports only at "
         f"depth = 1 (got depth = {depth}): below the root a node's drafts are its surviving sequences' next "
-        f"tokens, i.i.d. draws from q, and this verifier is not exact for those"
+        f"tokens, i.i.d. draws from q, and this verifier is not exact for those; a branching tree (widths=...) "
+        f"draws every node's drafts by the verifier's own scheme and takes it at any depth"
     )
+
+
+# Paths (root-to-leaf) a branching tree may have: every depth holds that many slots.
+MAX_TREE_PATHS = 4096
+
+
+def check_width(verifier: Verifier, name: str, width) -> None:
+    """Raise unless the verifier takes ``width`` drafts at a node."""
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {width!r}")
+    v = verifier
+    if width < v.min_drafts or (v.max_drafts is not None and width > v.max_drafts):
+        limit = f"{v.min_drafts}..{v.max_drafts}" if v.max_drafts is not None else f">= {v.min_drafts}"
+        raise ValueError(f"verifier {v.name!r} takes {limit} drafts per node, got {name} = {width}")
+
+
+def check_widths(verifier: Verifier, widths) -> tuple[int, ...]:
+    """A branching tree's widths as a tuple, each one a draft count the verifier takes.  Every
+    node draws its children by the verifier's own scheme, so any verifier is exact at any depth."""
+    try:
+        widths = tuple(widths)
+    except TypeError:
+        raise ValueError(f"widths must be a sequence of ints (children per node at each depth), got {widths!r}") from None
+    if not widths:
+        raise ValueError("widths is empty: a branching tree needs at least one depth")
+    for level, width in enumerate(widths):
+        check_width(verifier, f"widths[{level}]", width)
+    paths = subtree_spans(widths)[0] * widths[0]
+    if paths > MAX_TREE_PATHS:
+        raise ValueError(f"widths {widths} make a tree with {paths} root-to-leaf paths, above the limit {MAX_TREE_PATHS}")
+    return widths
 
 
 def seeded_generator(device, seed: int | None) -> torch.Generator:
@@ -362,16 +415,25 @@ class RequestRandom:
 class Engine:
     """Token-tree speculative decoding: ``Engine(target, draft, verifier="rrs", num_drafts=2, depth=3)``.
 
-    Each round drafts ``num_drafts`` sequences of ``depth`` tokens (a tree of shared prefixes),
-    scores the whole tree in one target pass and emits between 1 and depth + 1 tokens per
-    request, distributed exactly as sampling from the target would.
+    Each round drafts a token tree, scores it in one target pass and emits between 1 and
+    depth + 1 tokens per request, distributed exactly as sampling from the target would.  The
+    tree is either ``num_drafts`` sequences of ``depth`` tokens (default 2 and 3; sequences that
+    share a prefix share its nodes), or, with ``widths=(w_1, ..., w_D)``, a branching tree in
+    which every node at depth l - 1 has w_l children drawn by the verifier's own scheme
+    (SpecInfer/Sequoia-style trees; docs/engine.md).
     """
 
-    def __init__(self, target, draft, verifier: str | Verifier = "rrs", num_drafts: int = 2,
-                 depth: int = 3, device: str | torch.device | None = None, **verifier_options):
+    def __init__(self, target, draft, verifier: str | Verifier = "rrs", num_drafts: int | None = None,
+                 depth: int | None = None, device: str | torch.device | None = None, *,
+                 widths=None, **verifier_options):
         v_target, v_draft = _check_vocab("target", target), _check_vocab("draft", draft)
         if v_target != v_draft:
             raise ValueError(f"target and draft must share a vocabulary, got V = {v_target} (target) and V = {v_draft} (draft)")
+        if widths is not None and (num_drafts is not None or depth is not None):
+            raise ValueError(f"give either widths (a branching tree) or num_drafts/depth (drafted sequences), "
+                             f"got widths={widths!r}, num_drafts={num_drafts!r}, depth={depth!r}")
+        num_drafts = 2 if num_drafts is None else num_drafts
+        depth = 3 if depth is None else depth
         for name, value in [("num_drafts", num_drafts), ("depth", depth)]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -379,13 +441,16 @@ class Engine:
         if not isinstance(self.verifier, Verifier):
             raise ValueError(f"verifier must be a registered name or a Verifier, got {verifier!r}")
         v = self.verifier
-        if num_drafts < v.min_drafts or (v.max_drafts is not None and num_drafts > v.max_drafts):
-            limit = f"{v.min_drafts}..{v.max_drafts}" if v.max_drafts is not None else f">= {v.min_drafts}"
-            raise ValueError(f"verifier {v.name!r} takes num_drafts in {limit}, got {num_drafts}")
-        if depth > 1:
-            check_deep_tree_support(v, depth)
+        if widths is not None:
+            self.widths = check_widths(v, widths)
+            num_drafts, depth = subtree_spans(self.widths)[0] * self.widths[0], len(self.widths)
+        else:
+            self.widths = None
+            check_width(v, "num_drafts", num_drafts)
+            if depth > 1:
+                check_deep_tree_support(v, depth)
         self.vocab_size = v_target
-        self.num_drafts, self.depth = num_drafts, depth
+        self.num_drafts, self.depth = num_drafts, depth  # k: sequences (paths) per tree; D: its depth
         self.device = torch.device(device if device is not None else default_device())
         self.target, self.draft = target, draft
         for model in (target, draft):
@@ -393,7 +458,8 @@ class Engine:
                 model.to(self.device).eval()
 
     def __repr__(self) -> str:
-        return f"Engine(verifier={self.verifier.name!r}, num_drafts={self.num_drafts}, depth={self.depth}, device={str(self.device)!r})"
+        shape = f"widths={self.widths}" if self.widths else f"num_drafts={self.num_drafts}, depth={self.depth}"
+        return f"Engine(verifier={self.verifier.name!r}, {shape}, device={str(self.device)!r})"
 
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -412,6 +478,7 @@ class Engine:
         started = time.perf_counter()
         random = RequestRandom(device, seed, bsz)
         verifier = _GreedyMatch(validate_args=False) if sampling.greedy else self.verifier
+        spans = subtree_spans(self.widths) if self.widths else None
 
         # Explicit cache setup.  A request below n tokens adds at most depth + 1, so sequences
         # stay within Tmax + n + depth; a forward also needs room for the pending tokens (<= 2
@@ -429,10 +496,11 @@ class Engine:
 
         while not bool(done.all()):
             active = ~done
-            x, q_levels, d_valid, d_count = draft_tree(self.draft, draft_cache, seq, seq_len, verifier, k, depth, sampling, random)
-            p_levels, canon, t_valid, t_count = score_tree(self.target, target_cache, seq, seq_len, x, sampling)
+            x, q_levels, canon, d_valid, d_count = draft_tree(self.draft, draft_cache, seq, seq_len, verifier, k, depth,
+                                                              sampling, random, self.widths)
+            p_levels, t_valid, t_count = score_tree(self.target, target_cache, seq, seq_len, x, canon, sampling)
             emitted, accepted, path = walk_tree(verifier, p_levels, q_levels, x, canon, active, random,
-                                                stats.reached_by_depth, stats.accepted_by_depth)
+                                                stats.reached_by_depth, stats.accepted_by_depth, spans)
             commit_round(target_cache, t_count, t_valid.shape[1], path, accepted, depth, k, active)
             commit_round(draft_cache, d_count, d_valid.shape[1], path, accepted, depth - 1, k, active)
             generated_before = seq_len - prompt_len

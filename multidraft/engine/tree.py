@@ -115,3 +115,30 @@ def attention_mask(rows: Tensor, cache: KVCache) -> Tensor:
     in_round = (offset >= 0) & (offset < u)  # [B, S]
     picked = rows.gather(2, offset.clamp(0, u - 1).unsqueeze(1).expand(bsz, t, s))  # [B, T, S]
     return (slot < lens).unsqueeze(1) | (in_round.unsqueeze(1) & picked)
+
+
+# ---- branching trees: a fixed number of children per node at each depth ----------------------
+
+
+def subtree_spans(widths: tuple[int, ...]) -> list[int]:
+    """span[l]: leaves under one node at depth l + 1 of a tree with ``widths[l]`` children per
+    node at depth l (the root is depth 0), i.e. prod(widths[l + 1:])."""
+    spans = [1] * len(widths)
+    for level in reversed(range(len(widths) - 1)):
+        spans[level] = spans[level + 1] * widths[level + 1]
+    return spans
+
+
+def branching_canon(widths: tuple[int, ...], batch: int, device) -> Tensor:
+    """canon [B, D, k] of a branching tree laid out as its k = prod(widths) root-to-leaf paths.
+
+    Path i runs through the node at depth l + 1 whose first path is i rounded down to a multiple
+    of span[l]; that path's slot holds the node and the others at that depth are padding, as
+    duplicates are for drafted sequences.  The layout comes from the shape, not from the
+    tokens: two children that happen to draw the same token stay two nodes.
+    """
+    spans = subtree_spans(widths)
+    k = spans[0] * widths[0]
+    seq = torch.arange(k, device=device)
+    canon = torch.stack([seq - seq % span for span in spans])  # [D, k]
+    return canon.unsqueeze(0).expand(batch, -1, -1)

@@ -116,3 +116,82 @@ def test_enumeration_catches_a_wrong_verifier(tables):
     target, draft = tables
     got = round_law(ForgetfulRejection(), target, draft, [2, 2], 2, 2)
     assert np.abs(got - target_law(target, [2, 2], 3)).max() > 1e-2
+
+
+def branching_round_law(verifier, target, draft, prompt, widths):
+    """Law [V^(D+1)] of the first D + 1 tokens for a branching tree: every node draws widths[l]
+    children by the verifier's scheme, the walk follows the first child equal to the emitted
+    token, then plain target sampling continues.  Sums over every whole tree."""
+    depth = len(widths)
+
+    @lru_cache(maxsize=None)
+    def p(ctx):
+        return target.next_probs(list(ctx)).unsqueeze(0)
+
+    @lru_cache(maxsize=None)
+    def q(ctx):
+        return draft.next_probs(list(ctx)).unsqueeze(0)
+
+    @lru_cache(maxsize=None)
+    def trees(ctx, level):
+        """Every subtree under ctx at this depth with its probability: [(children, prob)], where
+        children is a tuple of (token, subtree) pairs."""
+        if level == depth:
+            return [((), 1.0)]
+        out = []
+        for tokens in itertools.product(range(VOCAB), repeat=widths[level]):
+            w = float(verifier.draft_probability(q(ctx), torch.tensor([tokens]))[0])
+            if w <= 0:
+                continue
+            for subs in itertools.product(*(trees(ctx + (t,), level + 1) for t in tokens)):
+                prob = w
+                for _, sub_prob in subs:
+                    prob *= sub_prob
+                out.append((tuple((t, sub) for t, (sub, _) in zip(tokens, subs)), prob))
+        return out
+
+    law = np.zeros(VOCAB ** (depth + 1))
+
+    def finish(ctx, emitted, weight):
+        if len(emitted) == depth + 1:
+            law[int(np.ravel_multi_index(emitted, (VOCAB,) * (depth + 1)))] += weight
+            return
+        row = p(ctx)[0]
+        for tok in range(VOCAB):
+            if row[tok] > 0:
+                finish(ctx + (tok,), emitted + [tok], weight * float(row[tok]))
+
+    def walk(ctx, children, emitted, weight):
+        if not children:  # a leaf: the bonus token from p
+            finish(ctx, emitted, weight)
+            return
+        drafts = torch.tensor([[t for t, _ in children]])
+        kernel = verifier.kernel(p(ctx), q(ctx), drafts)[0]
+        for tok in range(VOCAB):
+            w = float(kernel[tok])
+            if w <= 0:
+                continue
+            match = [sub for t, sub in children if t == tok]
+            if match:
+                walk(ctx + (tok,), match[0], emitted + [tok], weight * w)
+            else:
+                finish(ctx + (tok,), emitted + [tok], weight * w)
+
+    root = tuple(prompt)
+    for children, prob in trees(root, 0):
+        walk(root, children, [], prob)
+    return law
+
+
+@pytest.mark.parametrize("name,widths", [("rrs", (2, 2)), ("rrs", (3, 1)), ("rrs-wor", (2, 2)), ("spechub", (2, 2)),
+                                         ("greedy", (2, 2)), ("optimal", (2, 1)), ("single", (1, 1, 1))])
+def test_branching_round_is_exact(tables, name, widths):
+    target, draft = tables
+    got = branching_round_law(md.get_verifier(name), target, draft, [1, 0], widths)
+    np.testing.assert_allclose(got, target_law(target, [1, 0], len(widths) + 1), rtol=0, atol=1e-12)
+
+
+def test_branching_enumeration_catches_a_wrong_verifier(tables):
+    target, draft = tables
+    got = branching_round_law(ForgetfulRejection(), target, draft, [2, 2], (2, 2))
+    assert np.abs(got - target_law(target, [2, 2], 3)).max() > 1e-2

@@ -56,7 +56,7 @@ def test_bad_engine_arguments():
         Engine(GPT(GPTConfig(vocab_size=48, dim=32)), t4)
     with pytest.raises(ValueError, match="unknown verifier 'nope'"):
         Engine(t4, t4, verifier="nope")
-    with pytest.raises(ValueError, match="verifier 'single' takes num_drafts in 1..1, got 2"):
+    with pytest.raises(ValueError, match="verifier .single. takes 1..1 drafts per node, got num_drafts = 2"):
         Engine(t4, t4, verifier="single", num_drafts=2)
     with pytest.raises(ValueError, match="num_drafts must be an int >= 1, got 0"):
         Engine(t4, t4, num_drafts=0)
@@ -65,6 +65,17 @@ def test_bad_engine_arguments():
     with pytest.raises(ValueError, match="'spechub' drafts by its own non-i.i.d. scheme, which this engine supports only at depth = 1 \\(got depth = 2\\)"):
         Engine(t4, t4, verifier="spechub", num_drafts=2, depth=2)
     Engine(t4, t4, verifier="rrs-wor", num_drafts=3, depth=2)  # distinct drafts: one survivor per child
+    Engine(t4, t4, verifier="spechub", widths=(2, 2))  # a branching tree: every node its own scheme
+    with pytest.raises(ValueError, match="give either widths .* or num_drafts/depth"):
+        Engine(t4, t4, widths=(2, 2), depth=2)
+    with pytest.raises(ValueError, match="verifier 'spechub' takes 2..2 drafts per node, got widths\\[1\\] = 1"):
+        Engine(t4, t4, verifier="spechub", widths=(2, 1))
+    with pytest.raises(ValueError, match="widths is empty"):
+        Engine(t4, t4, widths=())
+    with pytest.raises(ValueError, match="widths\\[0\\] must be an int >= 1, got 0"):
+        Engine(t4, t4, widths=(0, 2))
+    with pytest.raises(ValueError, match="8192 root-to-leaf paths, above the limit 4096"):
+        Engine(t4, t4, widths=(8, 8, 8, 16))
     with pytest.raises(ValueError, match="target model must have an int attribute vocab_size"):
         Engine(object(), t4)
 

@@ -58,6 +58,19 @@ def test_sequence_law_matches_target(name, k, depth, sampling, zero_prob, sample
     assert all(0 < a < 1 for a in acc), acc
 
 
+@pytest.mark.parametrize("name,widths", [("spechub", (2, 2)), ("rrs", (3, 1))])
+def test_branching_tree_sequence_law_matches_target(name, widths):
+    """Branching trees: every node draws its own children (spechub, not i.i.d., at depth 2)."""
+    target, draft = models()
+    engine = Engine(target, draft, verifier=name, widths=widths, device="cpu")
+    prompt = [1, 2]
+    out = run(engine, torch.tensor([prompt]).expand(SAMPLES // 2, -1), seed=4321)
+    counts = np.bincount(encode(out.tokens, VOCAB), minlength=VOCAB**NEW)
+    assert_law(counts, sequence_law(target, prompt, NEW), f"engine {name} widths={widths}")
+    acc = out.stats.acceptance_by_depth
+    assert all(0 < a < 1 for a in acc), acc
+
+
 def test_ragged_batch_each_request_follows_its_law():
     """Requests with different prompts (and lengths) share a batch; each follows its own law."""
     target, draft = models()

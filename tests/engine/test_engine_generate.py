@@ -32,11 +32,15 @@ def noisy_copy(model, scale, seed):
 PROMPTS = [[3, 1, 4, 1, 5], [9], [2, 6, 5, 3, 5, 8, 9, 7], [0, 0]]
 
 
-@pytest.mark.parametrize("verifier,k,depth", [("rrs", 2, 3), ("single", 1, 4), ("rrs-wor", 3, 2), ("spechub", 2, 1)])
-def test_greedy_equals_plain_greedy_token_for_token(verifier, k, depth):
+SHAPES = [("rrs", dict(num_drafts=2, depth=3)), ("single", dict(num_drafts=1, depth=4)), ("rrs-wor", dict(num_drafts=3, depth=2)),
+          ("spechub", dict(num_drafts=2, depth=1)), ("spechub", dict(widths=(2, 2, 2))), ("rrs", dict(widths=(3, 2, 1)))]
+
+
+@pytest.mark.parametrize("verifier,shape", SHAPES)
+def test_greedy_equals_plain_greedy_token_for_token(verifier, shape):
     target = gpt(0)
     draft = noisy_copy(target, 0.15, seed=1)
-    engine = Engine(target, draft, verifier=verifier, num_drafts=k, depth=depth, device="cpu")
+    engine = Engine(target, draft, verifier=verifier, device="cpu", **shape)
     n = 12
     out = engine.generate(PROMPTS, max_new_tokens=n, temperature=0.0, seed=0)
     for b, prompt in enumerate(PROMPTS):
@@ -89,12 +93,14 @@ def test_batch_equals_each_request_alone_greedy():
         assert alone.tokens[0].tolist() == batch.tokens[b].tolist()
 
 
-@pytest.mark.parametrize("verifier,k,depth", [("rrs", 2, 3), ("rrs-wor", 2, 2), ("importance", 2, 2), ("spechub", 2, 1)])
-def test_batch_equals_each_request_alone_sampling_with_per_request_seeds(verifier, k, depth):
+@pytest.mark.parametrize("verifier,shape", [("rrs", dict(num_drafts=2, depth=3)), ("rrs-wor", dict(num_drafts=2, depth=2)),
+                                            ("importance", dict(num_drafts=2, depth=2)), ("spechub", dict(num_drafts=2, depth=1)),
+                                            ("spechub", dict(widths=(2, 2)))])
+def test_batch_equals_each_request_alone_sampling_with_per_request_seeds(verifier, shape):
     # seed=[...]: one generator per request, so a request's tokens do not depend on the batch.
     target = gpt(0)
     draft = noisy_copy(target, 0.15, seed=1)
-    engine = Engine(target, draft, verifier=verifier, num_drafts=k, depth=depth, device="cpu")
+    engine = Engine(target, draft, verifier=verifier, device="cpu", **shape)
     seeds = [11, 12, 13, 14]
     batch = engine.generate(PROMPTS, max_new_tokens=9, temperature=1.0, top_k=20, seed=seeds)
     for b, prompt in enumerate(PROMPTS):

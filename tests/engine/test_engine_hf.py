@@ -81,11 +81,12 @@ PROMPTS = [[3, 1, 4, 1, 5], [9], [2, 6, 5, 3, 5, 8, 9, 7]]
 
 
 @pytest.mark.parametrize("build", [MODELS[0], MODELS[2]])
-@pytest.mark.parametrize("verifier,k,depth", [("rrs", 2, 3), ("single", 1, 2)])
-def test_hf_greedy_equals_plain_hf_greedy(build, verifier, k, depth):
+@pytest.mark.parametrize("verifier,shape", [("rrs", dict(num_drafts=2, depth=3)), ("single", dict(num_drafts=1, depth=2)),
+                                            ("rrs-wor", dict(widths=(2, 2, 1)))])
+def test_hf_greedy_equals_plain_hf_greedy(build, verifier, shape):
     target = build(0)
     draft = noisy_copy(target, 0.3, seed=1)
-    engine = Engine(HFModel(target), HFModel(draft), verifier=verifier, num_drafts=k, depth=depth, device="cpu")
+    engine = Engine(HFModel(target), HFModel(draft), verifier=verifier, device="cpu", **shape)
     n = 10
     out = engine.generate(PROMPTS, max_new_tokens=n, temperature=0.0, seed=0)
     for b, prompt in enumerate(PROMPTS):

@@ -7,7 +7,8 @@ import torch
 
 from engine_helpers import transformed_row
 from multidraft.engine import SamplingConfig, logits_to_probs
-from multidraft.engine.tree import is_node, pending_rows, pending_tokens, prefix_groups, tree_positions, tree_rows
+from multidraft.engine.tree import (branching_canon, is_node, pending_rows, pending_tokens, prefix_groups, subtree_spans,
+                                   tree_positions, tree_rows)
 
 
 def test_prefix_groups_and_nodes():
@@ -16,6 +17,19 @@ def test_prefix_groups_and_nodes():
     canon = prefix_groups(x)
     assert canon[0].tolist() == [[0, 0, 0, 0], [0, 0, 2, 0], [0, 1, 2, 0]]
     assert is_node(canon)[0].tolist() == [[True, False, False, False], [True, False, True, False], [True, True, True, False]]
+
+
+def test_branching_layout():
+    # widths (2, 3): the root has 2 children, each of them 3: 6 paths, nodes at slots 0 and 3, then all.
+    assert subtree_spans((2, 3)) == [3, 1]
+    assert subtree_spans((4, 2, 1)) == [2, 1, 1]
+    canon = branching_canon((2, 3), batch=2, device="cpu")
+    assert canon.shape == (2, 2, 6)
+    assert canon[1].tolist() == [[0, 0, 0, 3, 3, 3], [0, 1, 2, 3, 4, 5]]
+    # Node (depth 2, path 4) sees its parent at slot (depth 1, path 3), itself, and not path 0's nodes.
+    rows = tree_rows(torch.tensor([[True], [True]]), canon)[0].int()  # [D*k, P + D*k]
+    assert rows[6 + 4].tolist() == [1] + [0, 0, 0, 1, 0, 0] + [0, 0, 0, 0, 1, 0]
+    assert tree_positions(torch.tensor([5, 7]), canon)[1].tolist() == [7, 0, 0, 7, 0, 0] + [8] * 6
 
 
 def test_tree_rows_positions_and_pending():
