@@ -29,7 +29,7 @@ import sys
 import torch
 
 from multidraft.engine import Engine, autoregressive_generate, demo_pair
-from multidraft.engine.pretrained import held_out_windows, load_pair
+from multidraft.engine.pretrained import held_out_windows, load_ngram, load_pair
 from multidraft.engine.shape import (
     calibrate_acceptance,
     choose_shape,
@@ -37,9 +37,18 @@ from multidraft.engine.shape import (
     measure_costs,
 )
 
-# (verifier, num_drafts, depth): spechub is k = 2 and depth 1 only (its scheme is not i.i.d.).
-CONFIGS = [("single", 1, 4), ("rrs", 2, 4), ("rrs-wor", 2, 4), ("kseq", 2, 4), ("importance", 2, 4),
-           ("spechub", 2, 1), ("rrs-wor", 4, 3)]
+# (verifier, engine shape): drafted sequences (num_drafts, depth), branching trees (widths: children per
+# node by depth; spechub's binary tree), and staged drafting (draft2: the shipped pair's byte bigram).
+CONFIGS = [("single", dict(num_drafts=1, depth=4)), ("rrs", dict(num_drafts=2, depth=4)), ("rrs-wor", dict(num_drafts=2, depth=4)),
+           ("kseq", dict(num_drafts=2, depth=4)), ("importance", dict(num_drafts=2, depth=4)), ("spechub", dict(num_drafts=2, depth=1)),
+           ("rrs-wor", dict(num_drafts=4, depth=3)), ("spechub", dict(widths=(2, 2, 2))), ("rrs-wor", dict(widths=(4, 2, 1, 1))),
+           ("rrs", dict(num_drafts=2, depth=4, draft2="bigram")), ("single", dict(num_drafts=1, depth=6, draft2="bigram"))]
+
+
+def shape_label(shape: dict) -> str:
+    """"k2 D4", "widths 2-2-2", "k2 D4 +bigram": a config's shape in a table cell."""
+    label = "widths " + "-".join(map(str, shape["widths"])) if "widths" in shape else f"k{shape['num_drafts']} D{shape['depth']}"
+    return label + (" +" + shape["draft2"] if "draft2" in shape else "")
 
 
 def models(pair: str):
@@ -59,6 +68,7 @@ def models(pair: str):
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     target, draft, prompts_for = models(args.pair)
+    draft2 = {"bigram": load_ngram(2)} if args.pair == "shipped" else {}
     machine = {
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "load_start": os.getloadavg()[0],
@@ -71,10 +81,13 @@ def run(args) -> dict:
         for temperature in args.temperatures:
             settings = dict(temperature=temperature, seed=0)
             autoregressive_generate(target, prompts, 4, device="cpu", **settings)  # warm-up
-            for name, k, depth in CONFIGS:
+            for name, shape in CONFIGS:
                 if (args.verifiers and name not in args.verifiers) or (name == "spechub" and temperature == 0):
                     continue
-                engine = Engine(target, draft, verifier=name, num_drafts=k, depth=depth, device="cpu")
+                if "draft2" in shape and shape["draft2"] not in draft2:
+                    continue
+                options = {**shape, "draft2": draft2[shape["draft2"]]} if "draft2" in shape else shape
+                engine = Engine(target, draft, verifier=name, device="cpu", **options)
                 engine.generate(prompts, 4, **settings)  # warm-up
                 base_t, spec_t, stats, same = [], [], None, []
                 for _ in range(args.repeats):
@@ -88,15 +101,16 @@ def run(args) -> dict:
                     if temperature == 0:
                         same.append(float((base.tokens == spec.tokens).all(dim=1).float().mean()))
                 row = {
-                    "batch": batch, "temperature": temperature, "verifier": name, "k": k, "depth": depth,
+                    "batch": batch, "temperature": temperature, "verifier": name, "shape": shape_label(shape),
                     "block_efficiency": stats.block_efficiency,
+                    "draft_passes_per_round": stats.draft_passes / stats.rounds, "draft2_passes_per_round": stats.draft2_passes / stats.rounds,
                     "acceptance_by_depth": stats.acceptance_by_depth,
                     "rows_equal_to_baseline": min(same) if same else None,
                     "ar_tokens_per_s": statistics.median(base_t), "spec_tokens_per_s": statistics.median(spec_t),
                 }
                 row["speedup"] = row["spec_tokens_per_s"] / row["ar_tokens_per_s"]
                 rows.append(row)
-                print(f"B={batch:<3} T={temperature:<3} {name:<8} k={k} D={depth}  block eff {row['block_efficiency']:.2f}  "
+                print(f"B={batch:<3} T={temperature:<3} {name:<8} {row['shape']:<16} block eff {row['block_efficiency']:.2f}  "
                       f"AR {row['ar_tokens_per_s']:8.1f} tok/s  spec {row['spec_tokens_per_s']:8.1f} tok/s  "
                       f"x{row['speedup']:.2f}" + (f"  rows equal to AR {min(same):.2f}" if same else ""), file=sys.stderr, flush=True)
     machine["load_end"] = os.getloadavg()[0]
@@ -147,11 +161,12 @@ def markdown(result: dict) -> str:
                          f"{r['overhead_ms']:.1f} | {r['block_efficiency']:.2f} | {r['ar_tokens_per_s']:.0f} | "
                          f"{r['spec_tokens_per_s']:.0f} | {r['speedup']:.2f}x |")
         return "\n".join(lines)
-    lines = ["| batch | T | verifier | k | D | block eff. | AR tok/s | spec tok/s | speedup |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| batch | T | verifier | shape | block eff. | draft fwd/round | AR tok/s | spec tok/s | speedup |",
+             "|---:|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['batch']} | {r['temperature']:g} | {r['verifier']} | {r['k']} | {r['depth']} | "
-                     f"{r['block_efficiency']:.2f} | {r['ar_tokens_per_s']:.0f} | {r['spec_tokens_per_s']:.0f} | "
+        passes = f"{r['draft_passes_per_round']:.1f}" + (f" + {r['draft2_passes_per_round']:.1f}" if r["draft2_passes_per_round"] else "")
+        lines.append(f"| {r['batch']} | {r['temperature']:g} | {r['verifier']} | {r['shape']} | "
+                     f"{r['block_efficiency']:.2f} | {passes} | {r['ar_tokens_per_s']:.0f} | {r['spec_tokens_per_s']:.0f} | "
                      f"{r['speedup']:.2f}x |")
     lines += ["", "| batch | target fwd, 1 tok | target fwd, 9 tok | draft fwd, 1 tok | draft fwd, 2 tok | target/draft (1 tok) |",
               "|---:|---:|---:|---:|---:|---:|"]
@@ -166,7 +181,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pair", choices=["shipped", "demo"], default="shipped", help="model pair (default: the shipped trained pair)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
-    parser.add_argument("--verifiers", nargs="+", help="subset of: " + ", ".join(c[0] for c in CONFIGS))
+    parser.add_argument("--verifiers", nargs="+", help="subset of: " + ", ".join(sorted({c[0] for c in CONFIGS})))
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (median)")

@@ -127,8 +127,17 @@ def cmd_generate(args) -> int:
             options[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             options[key] = text
+    draft2 = None
+    if args.draft2 == "bigram":
+        from .engine.pretrained import load_ngram
+
+        draft2 = load_ngram(2)
+        if draft2.vocab_size != draft.vocab_size:
+            raise ValueError(f"--draft2 bigram is the shipped pair's byte bigram (V = 256); this draft has V = {draft.vocab_size}")
+    elif args.draft2 is not None:
+        draft2 = HFModel.from_pretrained(args.draft2)
     engine = Engine(target, draft, verifier=args.verifier, num_drafts=args.num_drafts, depth=args.depth, device=args.device,
-                    widths=args.widths, **options)
+                    widths=args.widths, draft2=draft2, **options)
     prompt = args.prompt or [1]
     prompts = [prompt] * args.batch
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -140,7 +149,8 @@ def cmd_generate(args) -> int:
         print(repr(decode(ids)) if decode is not None else " ".join(str(t) for t in ids))
     shape = f"widths={','.join(map(str, engine.widths))}" if engine.widths else f"k={engine.num_drafts}  depth={engine.depth}"
     print(f"\nverifier {engine.verifier.name}  {shape}  batch={args.batch}  T={args.temperature}")
-    print(f"block efficiency {s.block_efficiency:.3f} tokens/pass   target passes {s.target_passes}   draft passes {s.draft_passes}")
+    staged = f"   draft2 passes {s.draft2_passes}" if draft2 is not None else ""
+    print(f"block efficiency {s.block_efficiency:.3f} tokens/pass   target passes {s.target_passes}   draft passes {s.draft_passes}{staged}")
     print("acceptance by depth " + " ".join(f"{a:.3f}" for a in s.acceptance_by_depth))
     print(f"{s.new_tokens} tokens in {s.seconds:.3f} s = {s.tokens_per_second:.1f} tokens/s")
     if args.compare:
@@ -190,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--verifier-option", action="append", metavar="KEY=VALUE", help="extra verifier constructor option (a Python literal, else a string); repeatable")
     gen.add_argument("--num-drafts", "-k", type=int, default=None, help="draft sequences per round (default 2)")
     gen.add_argument("--depth", "-d", type=int, default=None, help="draft tokens per sequence (default 3)")
+    gen.add_argument("--draft2", metavar="bigram|DIR",
+                     help="staged drafting: a second draft that speculates for the draft; 'bigram' (the shipped pair's byte "
+                          "bigram) or a local Hugging Face model directory")
     gen.add_argument("--widths", type=_widths, default=None, metavar="W1,W2,...",
                      help="a branching tree instead of sequences: W1 children at the root, W2 under each of them, ...")
     gen.add_argument("--max-new-tokens", "-n", type=int, default=32)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -45,6 +46,7 @@ class GenerationStats:
     rounds: int = 0  # speculation rounds (= target forward passes)
     target_passes: int = 0
     draft_passes: int = 0
+    draft2_passes: int = 0  # forwards of the second draft model (staged drafting)
     new_tokens: int = 0  # tokens returned, summed over requests
     block_efficiency: float = 0.0  # tokens emitted per request per target pass (accepted + 1)
     block_efficiency_per_request: list[float] = field(default_factory=list)  # the same, request by request
@@ -141,6 +143,164 @@ def draft_tree(draft, cache, seq, seq_len, verifier, k, depth, sampling, random:
     return x, torch.stack(q_levels, dim=1), canon, valid, count
 
 
+# ---- 1b. draft, staged: a second draft model speculates for the draft -------------------------
+
+
+def chain_rows(valid: Tensor, offsets: Tensor, depth_index: Tensor, real: Tensor, used: int) -> Tensor:
+    """Round-local mask rows [B, k*T, used + k*T] for T new tokens per sequence.
+
+    valid [B, P] the pending block; offsets [B, k, D] the round-local slot of each sequence's
+    token at each depth, already set for the new tokens; depth_index [B, k, T] each new token's
+    depth; real [B, k, T] False for padding.  A real token sees the valid pending tokens and its
+    own sequence's tokens at depths <= its own; padding sees only itself.
+    """
+    bsz, k, t = depth_index.shape
+    width = used + k * t
+    levels = torch.arange(offsets.shape[2], device=offsets.device)  # [D]
+    on_path = (levels <= depth_index.unsqueeze(-1)) & real.unsqueeze(-1)  # [B, k, T, D]
+    slot = torch.where(on_path, offsets.unsqueeze(2), width)  # [B, k, T, D]; width: a spare column
+    rows = torch.zeros(bsz, k, t, width + 1, dtype=torch.bool, device=offsets.device)
+    rows.scatter_(3, slot, True)
+    rows[..., : valid.shape[1]] |= valid.view(bsz, 1, 1, -1) & real.unsqueeze(-1)
+    own = used + torch.arange(k * t, device=offsets.device).view(1, k, t)  # padding: itself
+    rows.scatter_(3, own.expand(bsz, -1, -1).unsqueeze(-1), True)
+    return rows[..., :width].reshape(bsz, k * t, width)
+
+
+def speculate_chain(q: Tensor, r: Tensor, proposals: Tensor, length: Tensor, generator) -> Tensor:
+    """Single-draft speculative sampling along each chain, as in Leviathan et al.: proposal t
+    (drawn from r[..., t, :]) is kept with probability min(1, q(y) / r(y)) while every earlier
+    one was kept; the first one refused is replaced by a draw from normalize(max(q - r, 0)).
+
+    q, r [n, k, T, V] the draft's and the second draft's laws at each chain position, proposals
+    [n, k, T], length [n, k] the chain's real positions.  Returns [n, k, 2]: the number of leading
+    proposals kept (<= length), and the replacement token at that position (when < length).
+    """
+    t = max(int(length.max()), 1)  # only the rows' own positions: a request alone draws the same uniforms
+    q, r, proposals = q[:, :, :t], r[:, :, :t], proposals[:, :, :t]
+    n, k, _, vocab = q.shape
+    q_y = q.gather(3, proposals.unsqueeze(-1)).squeeze(-1)  # [n, k, T]
+    r_y = r.gather(3, proposals.unsqueeze(-1)).squeeze(-1)
+    u = torch.rand(q_y.shape, generator=generator, device=q.device, dtype=q.dtype)
+    ok = (u * r_y < q_y) & (torch.arange(t, device=q.device) < length.unsqueeze(-1))  # u < q/r, no division
+    kept = ok.to(torch.long).cumprod(dim=-1).sum(dim=-1)  # [n, k]
+    at = kept.clamp(max=t - 1).view(n, k, 1, 1).expand(-1, -1, 1, vocab)
+    q_at, r_at = q.gather(2, at).squeeze(2), r.gather(2, at).squeeze(2)  # [n, k, V]
+    residual = (q_at - r_at).clamp(min=0)
+    # A refusal has probability 0 where the residual is empty (q <= r everywhere means q == r).
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, q_at)
+    fix = sample_from_weights(residual.reshape(n * k, vocab), generator).view(n, k)
+    return torch.stack([kept, fix], dim=-1)
+
+
+class StagedRound(NamedTuple):
+    """What a staged drafting round leaves for the commit, and its cost."""
+
+    valid2: Tensor  # [B, P2] draft2's pending block
+    count2: Tensor  # [B]
+    offsets: Tensor  # [B, k, D] round-local slot of the draft's K/V for each sequence's token at each depth
+    offsets2: Tensor  # [B, k, D] the same for draft2
+    passes: int  # draft forwards
+    passes2: int  # draft2 forwards
+
+
+def draft_tree_staged(draft, draft2, cache, cache2, seq, seq_len, verifier, k, depth, sampling, random: RequestRandom):
+    """``draft_tree`` for drafted sequences, with the draft's own sampling sped up by a second,
+    smaller draft model (Spector & Re 2023, staged speculative decoding).
+
+    The first level is the verifier's scheme from q at the root, as without draft2.  Then, until
+    every sequence has ``depth`` tokens: draft2 proposes the rest of each sequence token by token
+    (its law r), the draft scores each sequence's last token and the proposals in one forward,
+    and single-draft speculative sampling keeps a prefix of the proposals and replaces the first
+    refused one (``speculate_chain``).  Each sequence is then an exact autoregressive sample from
+    the draft, the sequences independent given the first level: the same law as ``draft_tree``'s,
+    so the walk's argument is unchanged (docs/engine.md).  Each round ends with at least one new
+    token per unfinished sequence.
+
+    Each model's K/V for a sequence's token at depth l sits wherever that token was fed
+    (``offsets``); the commit keeps the accepted path from there, as it does from the fixed
+    layout without draft2.  Returns draft_tree's values and a ``StagedRound``.
+    """
+    bsz, device = seq.shape[0], seq.device
+    every = torch.arange(bsz, device=device)
+    ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)  # [B, P]
+    logits = model_forward(draft, cache, ids, pos, pending_rows(valid))  # [B, P, V]
+    vocab = logits.shape[-1]
+    root_logits = logits.gather(1, (count - 1).view(-1, 1, 1).expand(-1, 1, vocab)).squeeze(1)  # [B, V]
+    q_root = logits_to_probs(root_logits, sampling)  # [B, V]
+    ids2, pos2, valid2, count2 = pending_tokens(seq, seq_len, cache2.lens)
+    model_forward(draft2, cache2, ids2, pos2, pending_rows(valid2))
+    passes, passes2 = 1, 1
+
+    x = torch.zeros(bsz, k, depth, dtype=torch.long, device=device)  # [B, k, D]
+    q_levels = torch.zeros(bsz, depth, k, vocab, dtype=q_root.dtype, device=device)  # [B, D, k, V]
+    q_levels[:, 0] = q_root.unsqueeze(1)
+    if sampling.greedy:
+        x[:, :, 0] = greedy_roots(root_logits, k)
+    else:
+        x[:, :, 0] = random.draw(lambda q, g: verifier.draft(q, k, g), every, q_root)
+    filled = torch.ones(bsz, k, dtype=torch.long, device=device)  # [B, k] tokens known
+    offsets = torch.zeros(bsz, k, depth, dtype=torch.long, device=device)  # the draft's slot per token
+    offsets2 = torch.zeros_like(offsets)  # draft2's
+    level_pos = seq_len.view(bsz, 1, 1) + torch.arange(depth, device=device)  # [B, 1, D] position by depth
+
+    def feed(model, model_cache, model_offsets, model_valid, tokens, depth_index, real):
+        """One forward of tokens [B, k, T] at depths depth_index [B, k, T]; logits [B, k, T, V]."""
+        t = tokens.shape[2]
+        slots = model_cache.used + torch.arange(k * t, device=device).view(1, k, t)  # [1, k, T]
+        at = torch.where(real, depth_index, depth)  # padding writes to a spare depth column
+        wide = torch.cat([model_offsets, torch.zeros_like(model_offsets[..., :1])], dim=2)  # [B, k, D + 1]
+        model_offsets.copy_(wide.scatter(2, at, slots.expand(bsz, -1, -1))[..., :depth])
+        rows = chain_rows(model_valid, model_offsets, depth_index, real, model_cache.used)
+        pos = torch.where(real, level_pos.expand(-1, k, -1).gather(2, depth_index.clamp(max=depth - 1)), 0)
+        out = model_forward(model, model_cache, tokens.reshape(bsz, k * t), pos.reshape(bsz, k * t), rows)
+        return out.view(bsz, k, t, vocab)
+
+    while True:
+        need = depth - filled  # [B, k] proposals each sequence still needs
+        own = need.amax(dim=1)  # [B] per request: random draws only for what a request needs
+        t = int(own.max())
+        if t == 0:
+            break
+        steps = torch.arange(t, device=device)  # [T]
+        depth_index = (filled - 1).unsqueeze(-1) + steps  # [B, k, T]: x_f, then the proposals
+        real = steps < need.unsqueeze(-1)  # [B, k, T]
+        # draft2 proposes token by token: feed the last known token, then each proposal.
+        proposals = torch.zeros(bsz, k, t, dtype=torch.long, device=device)
+        r_chain = torch.zeros(bsz, k, t, vocab, dtype=q_root.dtype, device=device)
+        last = x.gather(2, (filled - 1).unsqueeze(-1))  # [B, k, 1]
+        for step in range(t):
+            r_logits = feed(draft2, cache2, offsets2, valid2, last, depth_index[..., step : step + 1], real[..., step : step + 1])
+            r = logits_to_probs(r_logits.squeeze(2), sampling).to(q_root.dtype)  # [B, k, V]
+            last = r.argmax(dim=-1, keepdim=True)  # [B, k, 1]; greedy, and a filler where no proposal is needed
+            if not sampling.greedy:
+                movers = (own > step).nonzero().squeeze(1)
+                last[movers] = random.draw(lambda r_, g: sample_categorical(r_.reshape(-1, vocab), 1, g).view(-1, k, 1), movers, r[movers])
+            proposals[..., step : step + 1] = last
+            r_chain[:, :, step] = r
+            passes2 += 1
+        # The draft scores the last known token and all proposals but the final one at once.
+        chain = torch.cat([x.gather(2, (filled - 1).unsqueeze(-1)), proposals[..., : t - 1]], dim=2)  # [B, k, T]
+        q_chain = logits_to_probs(feed(draft, cache, offsets, valid, chain, depth_index, real), sampling)  # [B, k, T, V]
+        passes += 1
+        movers = (own > 0).nonzero().squeeze(1)
+        kept, fix = torch.zeros_like(need), torch.zeros_like(need)  # [B, k]
+        kept[movers], fix[movers] = random.draw(speculate_chain, movers, q_chain[movers], r_chain[movers], proposals[movers],
+                                                need[movers]).unbind(-1)
+        # Write the kept proposals, the replacement, and q at every position now known.
+        new_tokens = torch.where(steps < kept.unsqueeze(-1), proposals, fix.unsqueeze(-1))  # [B, k, T]
+        write = steps <= kept.unsqueeze(-1)  # kept proposals and the replacement ...
+        write &= real  # ... within the chain (all kept: no replacement)
+        at = torch.where(write, filled.unsqueeze(-1) + steps, depth)  # depth: a spare column
+        x = torch.cat([x, torch.zeros_like(x[..., :1])], dim=2).scatter(2, at, new_tokens)[..., :depth]
+        q_new = q_levels.permute(0, 2, 1, 3)  # [B, k, D, V] view
+        spare = torch.cat([q_new, torch.zeros_like(q_new[:, :, :1])], dim=2)
+        spare.scatter_(2, at.unsqueeze(-1).expand(-1, -1, -1, vocab), q_chain)
+        q_levels = spare[:, :, :depth].permute(0, 2, 1, 3)
+        filled = filled + torch.minimum(kept + 1, need)
+    return x, q_levels.contiguous(), prefix_groups(x), valid, count, StagedRound(valid2, count2, offsets, offsets2, passes, passes2)
+
+
 # ---- 2. score ------------------------------------------------------------------------------
 
 
@@ -233,19 +393,27 @@ def walk_tree(verifier, p_levels, q_levels, x, canon, active, random: RequestRan
 # ---- 4. commit -----------------------------------------------------------------------------
 
 
-def commit_round(cache, pending_count, pending_width, path, accepted, levels_cached, k, active):
+def tree_slots(pending_width: int, path: Tensor, levels: int, k: int) -> Tensor:
+    """Round-local offsets [B, levels] of the accepted nodes in the fixed tree layout
+    (slot (l, i) at P + l*k + i), for a model that ran ``levels`` tree depths."""
+    depth_offset = pending_width + k * torch.arange(levels, device=path.device)  # [levels]
+    return depth_offset + path[:, :levels]
+
+
+def commit_round(cache, pending_count, pending_width, node_slots, accepted, active):
     """Keep the pending tokens and the accepted nodes a model has K/V for; drop the rest.
 
-    levels_cached: how many tree depths this model ran (D for the target, D - 1 for the draft).
+    node_slots [B, L]: the round-local offset of the accepted node at each depth this model
+    cached (L = D for the target, D - 1 for the draft); the first min(accepted, L) are kept.
     Requests that are done keep nothing: their pending tokens are fed again, unchanged.
     """
+    levels_cached = node_slots.shape[1]
     kept_path = accepted.clamp(max=levels_cached)  # [B]
     width = pending_width + levels_cached
-    col = torch.arange(width, device=path.device).unsqueeze(0)  # [1, W]
+    col = torch.arange(width, device=node_slots.device).unsqueeze(0)  # [1, W]
     rel = col - pending_count.unsqueeze(1)  # [B, W] index into the path, < 0 inside the pending block
     if levels_cached > 0:
-        level = rel.clamp(0, levels_cached - 1)
-        node_offset = pending_width + level * k + path.gather(1, level)  # [B, W]
+        node_offset = node_slots.gather(1, rel.clamp(0, levels_cached - 1))  # [B, W]
         keep = torch.where(rel < 0, col.expand_as(rel), node_offset)
     else:
         keep = col.expand_as(rel)
@@ -425,10 +593,16 @@ class Engine:
 
     def __init__(self, target, draft, verifier: str | Verifier = "rrs", num_drafts: int | None = None,
                  depth: int | None = None, device: str | torch.device | None = None, *,
-                 widths=None, **verifier_options):
+                 widths=None, draft2=None, **verifier_options):
         v_target, v_draft = _check_vocab("target", target), _check_vocab("draft", draft)
         if v_target != v_draft:
             raise ValueError(f"target and draft must share a vocabulary, got V = {v_target} (target) and V = {v_draft} (draft)")
+        if draft2 is not None:
+            v_draft2 = _check_vocab("draft2", draft2)
+            if v_draft2 != v_draft:
+                raise ValueError(f"draft2 must share the draft's vocabulary, got V = {v_draft2} (draft2) and V = {v_draft} (draft)")
+            if widths is not None:
+                raise ValueError("draft2 (staged drafting) extends drafted sequences; give num_drafts/depth, not widths")
         if widths is not None and (num_drafts is not None or depth is not None):
             raise ValueError(f"give either widths (a branching tree) or num_drafts/depth (drafted sequences), "
                              f"got widths={widths!r}, num_drafts={num_drafts!r}, depth={depth!r}")
@@ -452,14 +626,15 @@ class Engine:
         self.vocab_size = v_target
         self.num_drafts, self.depth = num_drafts, depth  # k: sequences (paths) per tree; D: its depth
         self.device = torch.device(device if device is not None else default_device())
-        self.target, self.draft = target, draft
-        for model in (target, draft):
+        self.target, self.draft, self.draft2 = target, draft, draft2
+        for model in (target, draft, draft2):
             if isinstance(model, torch.nn.Module):
                 model.to(self.device).eval()
 
     def __repr__(self) -> str:
         shape = f"widths={self.widths}" if self.widths else f"num_drafts={self.num_drafts}, depth={self.depth}"
-        return f"Engine(verifier={self.verifier.name!r}, {shape}, device={str(self.device)!r})"
+        staged = f", draft2={type(self.draft2).__name__}" if self.draft2 is not None else ""
+        return f"Engine(verifier={self.verifier.name!r}, {shape}{staged}, device={str(self.device)!r})"
 
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -482,11 +657,15 @@ class Engine:
 
         # Explicit cache setup.  A request below n tokens adds at most depth + 1, so sequences
         # stay within Tmax + n + depth; a forward also needs room for the pending tokens (<= 2
-        # after the first round) and the depth * k tree slots.
+        # after the first round) and the depth * k tree slots.  Staged drafting: the drafts
+        # commit only their pending tokens (<= depth + 1) and write at most k (depth - 1) slots
+        # in each of at most depth - 1 speculation steps.
         t_max = prompts.shape[1]
         max_len = t_max + n + depth + 2 + depth * k
+        staged_len = t_max + n + 2 * depth + 3 + k * depth * depth
         target_cache = self.target.new_cache(bsz, max_len, device)
-        draft_cache = self.draft.new_cache(bsz, max_len, device)
+        draft_cache = self.draft.new_cache(bsz, staged_len if self.draft2 is not None else max_len, device)
+        draft2_cache = self.draft2.new_cache(bsz, staged_len, device) if self.draft2 is not None else None
         seq = torch.zeros(bsz, t_max + n + depth + 2, dtype=torch.long, device=device)  # last column: trash
         seq[:, :t_max] = prompts
         seq_len = prompt_len.clone()  # [B]
@@ -496,13 +675,24 @@ class Engine:
 
         while not bool(done.all()):
             active = ~done
-            x, q_levels, canon, d_valid, d_count = draft_tree(self.draft, draft_cache, seq, seq_len, verifier, k, depth,
-                                                              sampling, random, self.widths)
+            if self.draft2 is None:
+                x, q_levels, canon, d_valid, d_count = draft_tree(self.draft, draft_cache, seq, seq_len, verifier, k, depth,
+                                                                  sampling, random, self.widths)
+                passes, passes2 = depth, 0
+            else:
+                x, q_levels, canon, d_valid, d_count, staged = draft_tree_staged(
+                    self.draft, self.draft2, draft_cache, draft2_cache, seq, seq_len, verifier, k, depth, sampling, random)
+                passes, passes2 = staged.passes, staged.passes2
             p_levels, t_valid, t_count = score_tree(self.target, target_cache, seq, seq_len, x, canon, sampling)
             emitted, accepted, path = walk_tree(verifier, p_levels, q_levels, x, canon, active, random,
                                                 stats.reached_by_depth, stats.accepted_by_depth, spans)
-            commit_round(target_cache, t_count, t_valid.shape[1], path, accepted, depth, k, active)
-            commit_round(draft_cache, d_count, d_valid.shape[1], path, accepted, depth - 1, k, active)
+            commit_round(target_cache, t_count, t_valid.shape[1], tree_slots(t_valid.shape[1], path, depth, k), accepted, active)
+            if self.draft2 is None:
+                commit_round(draft_cache, d_count, d_valid.shape[1], tree_slots(d_valid.shape[1], path, depth - 1, k), accepted, active)
+            else:  # the node at depth l + 1 is its first sequence's token at l, wherever that was fed
+                on_path = path[:, : depth - 1].unsqueeze(1)  # [B, 1, D-1]
+                commit_round(draft_cache, d_count, d_valid.shape[1], staged.offsets.gather(1, on_path).squeeze(1), accepted, active)
+                commit_round(draft2_cache, staged.count2, staged.valid2.shape[1], staged.offsets2.gather(1, on_path).squeeze(1), accepted, active)
             generated_before = seq_len - prompt_len
             new = append_tokens(seq, seq_len, emitted, accepted, active)  # [B, D+1]
             if eos_token_id is not None:
@@ -511,7 +701,8 @@ class Engine:
             done |= seq_len - prompt_len >= n
             stats.rounds += 1
             stats.target_passes += 1
-            stats.draft_passes += depth
+            stats.draft_passes += passes
+            stats.draft2_passes += passes2
             emitted_per_request += torch.where(active, accepted + 1, 0)
             rounds_per_request += active.long()
 

@@ -24,7 +24,7 @@ def check_tree_round(model, reference, vocab: int, tol: dict) -> None:
     """Two requests with ragged cached lengths: prefill, score a tree, commit a non-contiguous
     path, then continue; every logit must equal ``reference(ids)`` [B, T, V], a fresh causal
     forward of the true sequence (or of a node's own branch)."""
-    from multidraft.engine.engine import commit_round, model_forward
+    from multidraft.engine.engine import commit_round, model_forward, tree_slots
     from multidraft.engine.tree import pending_rows, pending_tokens, prefix_groups, tree_positions, tree_rows
 
     g = torch.Generator().manual_seed(1)
@@ -73,7 +73,7 @@ def check_tree_round(model, reference, vocab: int, tol: dict) -> None:
     # Accept two tree nodes for request 0 and three for request 1; keep them, drop the rest.
     accepted = torch.tensor([2, 3])
     path = canon[:, :, 1]  # the slot of sequence 1's node at each depth
-    commit_round(cache, count, width, path, accepted, depth, k, active=torch.tensor([True, True]))
+    commit_round(cache, count, width, tree_slots(width, path, depth, k), accepted, active=torch.tensor([True, True]))
     assert cache.lens.tolist() == [5 + 1 + 2, 3 + 1 + 3]
 
     # Continue from the committed path: the next pending token must see exactly the truth.

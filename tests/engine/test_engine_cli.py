@@ -95,6 +95,18 @@ def test_cli_generate_branching_tree(capsys):
     assert "give either widths" in capsys.readouterr().err
 
 
+def test_cli_generate_staged_with_the_shipped_bigram(capsys):
+    from multidraft.engine.pretrained import decode, encode, load_pair
+
+    assert main(["generate", "--draft2", "bigram", "-k", "2", "-d", "4", "-n", "12", "-t", "0",
+                 "--prompt-text", "import os\\n", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    target, _ = load_pair()
+    expected = decode(autoregressive_generate(target, [encode("import os\n").tolist()], 12, temperature=0.0, device="cpu").tokens[0].tolist())
+    assert out.splitlines()[0] == repr(expected)
+    assert "draft2 passes" in out
+
+
 def test_cli_generate_unknown_verifier_gives_the_registry_error(capsys):
     assert main(["generate", "--verifier", "nope", "-n", "2", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
