@@ -13,15 +13,21 @@ def _csv(kind):
     return lambda text: [kind(x) for x in text.split(",") if x]
 
 
-def _tree_shapes(text: str) -> list[tuple[int, int]]:
-    """"2x4,4x3" -> [(2, 4), (4, 3)]: k draft sequences x depth D."""
-    shapes = []
+def _tree_shapes(text: str) -> tuple[list[tuple[int, int]], list[tuple[int, ...]]]:
+    """"2x4,2-2-2" -> ([(2, 4)], [(2, 2, 2)]): k draft sequences x depth D, or a branching tree's
+    children per node at each depth."""
+    shapes, widths = [], []
     for item in text.split(","):
         k, sep, depth = item.lower().partition("x")
-        if not sep or not k.strip().isdigit() or not depth.strip().isdigit():
-            raise argparse.ArgumentTypeError(f"tree shapes are KxD (k sequences of depth D), got {item!r}")
-        shapes.append((int(k), int(depth)))
-    return shapes
+        parts = item.split("-")
+        if sep and k.strip().isdigit() and depth.strip().isdigit():
+            shapes.append((int(k), int(depth)))
+        elif not sep and all(part.strip().isdigit() for part in parts):
+            widths.append(tuple(int(part) for part in parts))
+        else:
+            raise argparse.ArgumentTypeError(
+                f"tree shapes are KxD (k sequences of depth D) or W1-W2-... (a branching tree), got {item!r}")
+    return shapes, widths
 
 
 def _widths(text: str) -> list[int]:
@@ -45,11 +51,13 @@ def cmd_compare(args) -> int:
 
     _import_plugins(args.imports)
     config = CompareConfig(out_dir=args.out)
-    for key in ("verifiers", "families", "ks", "temperatures", "vocab", "pairs", "seed", "tree_shapes",
+    for key in ("verifiers", "families", "ks", "temperatures", "vocab", "pairs", "seed",
                 "prompts_file", "hf_target", "hf_draft", "context_length"):
         value = getattr(args, key)
         if value is not None:
             setattr(config, key, value)
+    if args.tree_shapes is not None:
+        config.tree_shapes, config.tree_widths = args.tree_shapes
     if args.hf_target or args.hf_draft:
         config.pair = "hf"
     if args.no_pair:
@@ -171,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--temperatures", type=_csv(float), help="comma-separated sampling temperatures (default 0.3,0.6,1.0)")
     compare.add_argument("--vocab", type=int, help="vocabulary size V of the synthetic families (default 1000)")
     compare.add_argument("--pairs", type=int, help="(p, q) pairs per source and temperature (default 1000)")
-    compare.add_argument("--tree-shapes", type=_tree_shapes, help="engine tree shapes KxD, comma-separated (default 1x4,2x1,2x4,4x4)")
+    compare.add_argument("--tree-shapes", type=_tree_shapes, help="engine tree shapes, comma-separated: KxD (k sequences of depth D) or W1-W2-... "
+                              "(a branching tree; default 1x4,2x1,2x4,4x4,2-2-2)")
     compare.add_argument("--prompts-file", help="text file, one prompt per line: the model pair's contexts (default: held-out text)")
     compare.add_argument("--context-length", type=int, help="tokens of context per position (default 64)")
     compare.add_argument("--hf-target", help="local transformers model directory: the target of the model pair")

@@ -67,7 +67,7 @@ def test_a_user_verifier_runs_in_the_report_and_the_engine(tmp_path, capsys, mon
     try:
         out = tmp_path / "report"
         assert main(["compare", "--import", "custom_verifier", "--verifiers", "coin-flip-rrs,rrs", "--families", "",
-                     "--pairs", "16", "--ks", "1,2", "--temperatures", "1.0", "--tree-shapes", "2x2",
+                     "--pairs", "16", "--ks", "1,2", "--temperatures", "1.0", "--tree-shapes", "2x2,2-1",
                      "--no-costs", "--quiet", "--out", str(out)]) == 0
         data = json.loads((out / "report.json").read_text())
         mine = {r["k"]: r for r in data["rows"] if r["verifier"] == "coin-flip-rrs"}

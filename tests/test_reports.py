@@ -20,7 +20,7 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     config = CompareConfig(
         verifiers=["rrs", "rrs-wor", "spechub", "importance", "otm"], families=["dirichlet"], ks=[1, 2],
-        temperatures=[0.6, 1.0], vocab=30, pairs=48, tree_shapes=[(2, 1), (2, 3)], engine_prompts=3,
+        temperatures=[0.6, 1.0], vocab=30, pairs=48, tree_shapes=[(2, 1), (2, 3)], tree_widths=[(2, 2)], engine_prompts=3,
         engine_new_tokens=8, cost_vocab=[600], cost_ks=[2], out_dir=str(out),
     )
     result = run_report(config, show_progress=False)
@@ -53,14 +53,15 @@ def test_acceptance_rows_respect_the_optimum(report):
 
 def test_engine_rows(report):
     _, result, _ = report
-    by_key = {(r.temperature, r.verifier, r.k, r.depth): r for r in result.engine}
-    for (t, name, k, depth), r in by_key.items():
+    by_key = {(r.temperature, r.verifier, r.shape): r for r in result.engine}
+    for r in by_key.values():
         if r.block_efficiency is not None:
-            assert 1.0 <= r.block_efficiency <= depth + 1
-            assert len(r.acceptance_by_depth) == depth
-    assert by_key[(1.0, "spechub", 2, 3)].block_efficiency is None  # depth 1 only
-    assert "depth = 1" in by_key[(1.0, "spechub", 2, 3)].note
-    assert by_key[(1.0, "rrs-wor", 2, 3)].block_efficiency > 1.5  # a trained pair accepts
+            assert 1.0 <= r.block_efficiency <= r.depth + 1
+            assert len(r.acceptance_by_depth) == r.depth
+    assert by_key[(1.0, "spechub", "2x3")].block_efficiency is None  # drafted sequences: depth 1 only
+    assert "depth = 1" in by_key[(1.0, "spechub", "2x3")].note
+    assert by_key[(1.0, "spechub", "2-2")].block_efficiency > 1.5  # a binary tree runs it at every depth
+    assert by_key[(1.0, "rrs-wor", "2x3")].block_efficiency > 1.5  # a trained pair accepts
 
 
 def test_report_files(report):

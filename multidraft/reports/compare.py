@@ -48,6 +48,8 @@ class CompareConfig:
     context_length: int = 64  # tokens of held-out text before each of the pair's positions
     tuples_per_pair: int = 16  # draft tuples per pair, for verifiers without a closed form
     tree_shapes: list[tuple[int, int]] = field(default_factory=lambda: [(1, 4), (2, 1), (2, 4), (4, 4)])  # (k, D)
+    # Branching trees: children per node at each depth (SpecHub's binary tree is (2, 2, 2)).
+    tree_widths: list[tuple[int, ...]] = field(default_factory=lambda: [(2, 2, 2)])
     engine_prompts: int = 16  # requests per engine run (one batch)
     engine_new_tokens: int = 48
     cost_vocab: list[int] = field(default_factory=lambda: [1000, 8000, 32000])
@@ -86,6 +88,12 @@ class EngineRow:
     ci95: float | None  # over requests
     acceptance_by_depth: list[float] = field(default_factory=list)
     note: str = ""
+    widths: list[int] | None = None  # a branching tree (k = widths[0], D = len(widths)); None: k sequences
+
+    @property
+    def shape(self) -> str:
+        """"2x4" (k sequences of depth D) or "2-2-2" (children per node at each depth)."""
+        return "-".join(map(str, self.widths)) if self.widths else f"{self.k}x{self.depth}"
 
 
 @dataclass
@@ -140,6 +148,9 @@ def check_config(config: CompareConfig) -> None:
     for k, depth in config.tree_shapes:
         if k < 1 or depth < 1:
             raise ValueError(f"tree shapes are (k >= 1, depth >= 1), got ({k}, {depth})")
+    for widths in config.tree_widths:
+        if not widths or min(widths) < 1:
+            raise ValueError(f"tree widths are children per node at each depth, each >= 1, got {tuple(widths)}")
     for name in config.verifiers:
         make_verifier(config, name)  # the registry's error for unknown names or bad options
 
@@ -197,16 +208,18 @@ def run_engine(config: CompareConfig, pair: ModelPair, progress: Progress) -> li
     rows = []
     for temperature in config.temperatures:
         for name in config.verifiers:
-            for k, depth in config.tree_shapes:
+            shapes = [(dict(num_drafts=k, depth=depth), k, depth, None) for k, depth in config.tree_shapes]
+            shapes += [(dict(widths=tuple(w)), w[0], len(w), list(w)) for w in config.tree_widths]
+            for shape, k, depth, widths in shapes:
                 try:
                     verifier = make_verifier(config, name)
-                    engine = Engine(pair.target, pair.draft, verifier=verifier, num_drafts=k, depth=depth, device="cpu")
+                    engine = Engine(pair.target, pair.draft, verifier=verifier, device="cpu", **shape)
                     out = engine.generate(prompts, config.engine_new_tokens, temperature=temperature, seed=config.seed)
                     mean, half = mean_and_ci(torch.tensor(out.stats.block_efficiency_per_request))
-                    rows.append(EngineRow(temperature, name, k, depth, mean, half, out.stats.acceptance_by_depth))
+                    rows.append(EngineRow(temperature, name, k, depth, mean, half, out.stats.acceptance_by_depth, widths=widths))
                 except ValueError as err:  # a verifier limited to some k or to depth 1
-                    rows.append(EngineRow(temperature, name, k, depth, None, None, note=str(err)))
-                progress.step(f"T={temperature:g} {name} k={k} D={depth}")
+                    rows.append(EngineRow(temperature, name, k, depth, None, None, note=str(err), widths=widths))
+                progress.step(f"T={temperature:g} {name} {rows[-1].shape}")
     return rows
 
 
@@ -271,7 +284,8 @@ def run_report(config: CompareConfig, show_progress: bool = True) -> Report:
     progress.close()
     engine_rows: list[EngineRow] = []
     if config.engine and pair is not None:
-        progress = Progress(len(config.temperatures) * len(config.verifiers) * len(config.tree_shapes), "engine", enabled=show_progress)
+        progress = Progress(len(config.temperatures) * len(config.verifiers) * (len(config.tree_shapes) + len(config.tree_widths)),
+                        "engine", enabled=show_progress)
         engine_rows = run_engine(config, pair, progress)
         progress.close()
     cost_rows: list[CostRow] = []
@@ -306,12 +320,12 @@ def markdown_table(rows: list[Row]) -> str:
 
 def engine_table(rows: list[EngineRow]) -> str:
     def cells(r):
-        head = [f"{r.temperature:g}", r.verifier, str(r.k), str(r.depth)]
+        head = [f"{r.temperature:g}", r.verifier, r.shape]
         if r.block_efficiency is None:
             return head + ["n/a", r.note.split(";")[0].split(":")[0]]
         return head + [f"{r.block_efficiency:.3f} ± {r.ci95:.3f}", " ".join(f"{a:.2f}" for a in r.acceptance_by_depth)]
 
-    return _table(["T", "verifier", "k", "D", "block efficiency (95% CI over requests)", "acceptance by depth"], rows, cells)
+    return _table(["T", "verifier", "tree", "block efficiency (95% CI over requests)", "acceptance by depth"], rows, cells)
 
 
 def cost_table(rows: list[CostRow]) -> str:
@@ -350,7 +364,9 @@ def write_report(config: CompareConfig, report: Report) -> Path:
         text += (
             "\n## Block efficiency (engine, model pair)\n\n"
             f"{config.engine_prompts} requests of {config.engine_new_tokens} new tokens each, one batch; "
-            "k draft sequences of depth D per round; tokens per request per target pass, with a "
+            "tree kxD: k draft sequences of depth D per round; tree a-b-c: a branching tree with a "
+            "children at the root, b under each of them, and so on (every node drafts by the verifier's "
+            "own scheme); tokens per request per target pass, with a "
             "95% interval over requests.\n\n" + engine_table(report.engine) + "\n"
         )
     if report.costs:

@@ -99,18 +99,18 @@ def _block_efficiency(plt, report):
     if not rows:
         return None
     temps = _unique(r.temperature for r in rows)
-    shapes = _unique((r.k, r.depth) for r in report.engine)
+    shapes = _unique(r.shape for r in report.engine)
     names = _unique(r.verifier for r in report.engine)
     fig, axes = _grid(plt, 1, len(temps))
     width = 0.8 / len(names)
     for j, t in enumerate(temps):
         ax = axes[0][j]
         for n, name in enumerate(names):
-            pts = [(shapes.index((r.k, r.depth)), r) for r in rows if r.temperature == t and r.verifier == name]
+            pts = [(shapes.index(r.shape), r) for r in rows if r.temperature == t and r.verifier == name]
             if pts:
                 ax.bar([x + n * width for x, _ in pts], [r.block_efficiency for _, r in pts], width,
                        yerr=[r.ci95 for _, r in pts], capsize=2, label=name)
-        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))], [f"k={k}, D={d}" for k, d in shapes])
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))], shapes)
         ax.set(title=f"block efficiency, T = {t:g}", ylabel="tokens per target pass")
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].legend(fontsize=7)
