@@ -35,6 +35,7 @@ from multidraft.engine.shape import (
     choose_shape,
     forward_ms,
     measure_costs,
+    measure_overhead,
 )
 
 # (verifier, engine shape): drafted sequences (num_drafts, depth), branching trees (widths: children per
@@ -43,6 +44,11 @@ CONFIGS = [("single", dict(num_drafts=1, depth=4)), ("rrs", dict(num_drafts=2, d
            ("kseq", dict(num_drafts=2, depth=4)), ("importance", dict(num_drafts=2, depth=4)), ("spechub", dict(num_drafts=2, depth=1)),
            ("rrs-wor", dict(num_drafts=4, depth=3)), ("spechub", dict(widths=(2, 2, 2))), ("rrs-wor", dict(widths=(4, 2, 1, 1))),
            ("rrs", dict(num_drafts=2, depth=4, draft2="bigram")), ("single", dict(num_drafts=1, depth=6, draft2="bigram"))]
+
+
+# The adaptive run compares its choice with these fixed (k, D), all timed alternately in the same run.
+FIXED_SHAPES = [(1, 4), (2, 2), (2, 4), (4, 3), (2, 6)]
+CALIBRATION_PROMPTS = 16
 
 
 def shape_label(shape: dict) -> str:
@@ -119,47 +125,67 @@ def run(args) -> dict:
 
 
 def run_adaptive(args) -> dict:
-    """Per batch size and temperature: measure forward costs, calibrate per-depth acceptance
-    (k in 1, 2, 4 at depth 6, on the calibration prompts), let ``choose_shape`` pick (k, D) or
-    plain decoding, then time that choice against plain decoding on *other* prompts."""
+    """Per batch size and temperature: measure forward costs and the engine's overhead (per round
+    and per depth, on one calibration batch), calibrate per-depth acceptance (k in 1, 2, 4 at
+    depth 6, on CALIBRATION_PROMPTS or more prompts: acceptance does not depend on the batch size,
+    and one prompt is a noisy estimate), let ``choose_shape`` pick (k, D) or plain decoding, then
+    time that choice, plain decoding and every fixed shape of FIXED_SHAPES on *other* prompts."""
     torch.set_num_threads(args.threads)
     target, draft, prompts_for = models(args.pair)
     max_depth, tokens = 6, sorted({1, 2, 3, 4, 5, 7, 9, 13, 17, 25})
     rows = []
     for batch in args.batches:
         costs = measure_costs(target, draft, [batch], tokens, repeats=3)
-        calib, prompts = prompts_for(batch, args.prompt_len, seed=1000 + batch), prompts_for(batch, args.prompt_len, seed=batch)
+        calib = prompts_for(max(batch, CALIBRATION_PROMPTS), args.prompt_len, seed=1000 + batch)
+        prompts = prompts_for(batch, args.prompt_len, seed=batch)
         for temperature in args.temperatures:
-            acceptance, overhead = calibrate_acceptance(target, draft, args.adaptive_verifier, [1, 2, 4], max_depth, calib, args.new_tokens,
-                                                        device="cpu", costs=costs, temperature=temperature, seed=1)
-            choice = choose_shape(batch, costs, acceptance, overhead_ms=overhead)
             settings = dict(temperature=temperature, seed=0)
-            base = autoregressive_generate(target, prompts, args.new_tokens, device="cpu", **settings).stats
-            if choice.depth:
-                engine = Engine(target, draft, verifier=args.adaptive_verifier, num_drafts=choice.num_drafts, depth=choice.depth, device="cpu")
-                spec = engine.generate(prompts, args.new_tokens, **settings).stats
-                eff, rate = spec.block_efficiency, spec.tokens_per_second
-            else:
-                eff, rate = 1.0, autoregressive_generate(target, prompts, args.new_tokens, device="cpu", **settings).stats.tokens_per_second
+            acceptance = calibrate_acceptance(target, draft, args.adaptive_verifier, [1, 2, 4], max_depth, calib, args.new_tokens,
+                                              device="cpu", **settings)
+            overhead = measure_overhead(target, draft, args.adaptive_verifier, calib[:batch], costs, depths=(1, 4),
+                                        max_new_tokens=args.new_tokens, device="cpu", **settings)
+            choice = choose_shape(batch, costs, acceptance, overhead_ms=overhead)
+            shapes = {"adaptive": (choice.num_drafts, choice.depth), **{f"k{k} D{d}": (k, d) for k, d in FIXED_SHAPES}}
+            rates = {name: [] for name in shapes}
+            base_rates = []
+            for _ in range(args.repeats):  # alternate, so every shape sees the same machine load
+                base_rates.append(autoregressive_generate(target, prompts, args.new_tokens, device="cpu", **settings).stats.tokens_per_second)
+                for name, (k, depth) in shapes.items():
+                    if depth == 0:
+                        stats = autoregressive_generate(target, prompts, args.new_tokens, device="cpu", **settings).stats
+                    else:
+                        engine = Engine(target, draft, verifier=args.adaptive_verifier, num_drafts=k, depth=depth, device="cpu")
+                        stats = engine.generate(prompts, args.new_tokens, **settings).stats
+                    rates[name].append(stats.tokens_per_second)
+            median = {name: statistics.median(r) for name, r in rates.items()}
+            best_fixed = max((name for name in shapes if name != "adaptive"), key=median.get)
+            base = statistics.median(base_rates)
             row = {"batch": batch, "temperature": temperature, "k": choice.num_drafts, "depth": choice.depth,
                    "predicted_block_efficiency": choice.block_efficiency, "predicted_tokens_per_s": choice.tokens_per_second,
-                   "overhead_ms": overhead, "block_efficiency": eff, "ar_tokens_per_s": base.tokens_per_second,
-                   "spec_tokens_per_s": rate, "speedup": rate / base.tokens_per_second}
+                   "overhead_per_round_ms": overhead.per_round_ms, "overhead_per_depth_ms": overhead.per_depth_ms,
+                   "overhead_plain_ms": overhead.plain_ms,
+                   "ar_tokens_per_s": base, "spec_tokens_per_s": median["adaptive"], "speedup": median["adaptive"] / base,
+                   "best_fixed": best_fixed, "best_fixed_tokens_per_s": max(median[best_fixed], base),
+                   "fixed_tokens_per_s": {name: median[name] for name in shapes if name != "adaptive"}}
+            row["vs_best"] = median["adaptive"] / row["best_fixed_tokens_per_s"]
             rows.append(row)
             print(f"adaptive B={batch:<3} T={temperature:<3} picks k={choice.num_drafts} D={choice.depth} (predicted {choice.tokens_per_second:.0f} tok/s, "
-                  f"overhead {overhead:.1f} ms/round)  block eff {eff:.2f}  AR {base.tokens_per_second:.1f}  spec {rate:.1f}  x{row['speedup']:.2f}",
-                  file=sys.stderr, flush=True)
+                  f"overhead {overhead.per_round_ms:.1f} + {overhead.per_depth_ms:.1f}/depth ms, plain {overhead.plain_ms:.1f} ms)  AR {base:.1f}  adaptive {median['adaptive']:.1f}  "
+                  f"best fixed {best_fixed} {median[best_fixed]:.1f}  adaptive/best {row['vs_best']:.2f}", file=sys.stderr, flush=True)
     return {"adaptive_rows": rows, "verifier": args.adaptive_verifier}
 
 
 def markdown(result: dict) -> str:
     if "adaptive_rows" in result:
-        lines = ["| batch | T | chosen k | chosen D | predicted tok/s | overhead ms/round | block eff. | AR tok/s | spec tok/s | speedup |",
-                 "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines = ["| batch | T | chosen k, D | predicted tok/s | overhead ms (round + per depth; plain step) | AR tok/s | adaptive tok/s | "
+                 "best fixed (or AR) | its tok/s | adaptive / best |",
+                 "|---:|---:|---|---:|---:|---:|---:|---|---:|---:|"]
         for r in result["adaptive_rows"]:
-            lines.append(f"| {r['batch']} | {r['temperature']:g} | {r['k']} | {r['depth']} | {r['predicted_tokens_per_s']:.0f} | "
-                         f"{r['overhead_ms']:.1f} | {r['block_efficiency']:.2f} | {r['ar_tokens_per_s']:.0f} | "
-                         f"{r['spec_tokens_per_s']:.0f} | {r['speedup']:.2f}x |")
+            chosen = f"{r['k']}, {r['depth']}" if r["depth"] else "plain decoding"
+            best = r["best_fixed"] if r["best_fixed_tokens_per_s"] > r["ar_tokens_per_s"] else "plain decoding"
+            lines.append(f"| {r['batch']} | {r['temperature']:g} | {chosen} | {r['predicted_tokens_per_s']:.0f} | "
+                         f"{r['overhead_per_round_ms']:.1f} + {r['overhead_per_depth_ms']:.1f}; {r['overhead_plain_ms']:.1f} | {r['ar_tokens_per_s']:.0f} | "
+                         f"{r['spec_tokens_per_s']:.0f} | {best} | {r['best_fixed_tokens_per_s']:.0f} | {r['vs_best']:.2f} |")
         return "\n".join(lines)
     lines = ["| batch | T | verifier | shape | block eff. | draft fwd/round | AR tok/s | spec tok/s | speedup |",
              "|---:|---:|---|---|---:|---:|---:|---:|---:|"]

@@ -80,6 +80,59 @@ def test_bad_arguments():
         md.proofs.optimal_acceptance(p, torch.tensor([1.0]), 2)
     big = torch.full((21,), 1 / 21, dtype=torch.float64)
     with pytest.raises(ValueError, match="V = 21 is above the limit 20"):
-        md.proofs.optimal_acceptance(big, big, 2, replacement=False)
+        md.proofs.optimal_acceptance_for_scheme(md.get_verifier("rrs-wor"), big, big, 2)
+    with pytest.raises(ValueError, match="k = 3 drafts without replacement need k tokens with q > 0; q has 2"):
+        md.proofs.optimal_acceptance(torch.tensor([0.5, 0.5, 0.0]), torch.tensor([0.5, 0.0, 0.5]), 3, replacement=False)
     with pytest.raises(ValueError, match=r"V\*\*k = 6\*\*9 = 10077696 draft tuples; the limit is"):
         md.proofs.output_distribution(md.get_verifier("rrs"), CASES["v6-dirichlet-a"][0], CASES["v6-dirichlet-a"][1], 9)
+
+
+def random_pair(g, vocab, zero_prob=0.0):
+    conc = float(torch.rand(1, generator=g)) * 2 + 0.05
+    p = torch._standard_gamma(torch.full((vocab,), conc, dtype=torch.float64), generator=g)
+    q = torch._standard_gamma(torch.full((vocab,), conc, dtype=torch.float64), generator=g)
+    p = p * (torch.rand(vocab, generator=g) >= zero_prob)
+    q = q * (torch.rand(vocab, generator=g) >= zero_prob)
+    p[0], q[-1] = p[0] + 0.01, q[-1] + 0.01  # keep both rows nonzero
+    return p / p.sum(), q / q.sum()
+
+
+def test_optimum_without_replacement_equals_the_set_enumeration():
+    """The fast optimum (ratio-sorted prefixes, quadrature) against the maximum over all 2**V sets
+    of the exact without-replacement law: this also checks that a prefix is always optimal."""
+    g = torch.Generator().manual_seed(5)
+    wor = md.get_verifier("rrs-wor")
+    checked = 0
+    for trial in range(150):
+        vocab = int(torch.randint(2, 10, (1,), generator=g))
+        p, q = random_pair(g, vocab, zero_prob=0.25 if trial % 3 == 0 else 0.0)
+        support = int((q > 0).sum())
+        k = int(torch.randint(1, min(support, 5) + 1, (1,), generator=g))
+        fast = md.proofs.optimal_acceptance(p, q, k, replacement=False)
+        assert fast == pytest.approx(md.proofs.optimal_acceptance_for_scheme(wor, p, q, k), abs=2e-12), (p, q, k)
+        checked += 1
+    assert checked == 150
+
+
+@pytest.mark.parametrize("case", ["v3-zero-in-p", "v4-disjoint", "v5-zeros-both", "v5-peaked-draft", "v6-dirichlet-a"])
+def test_optimum_without_replacement_equals_the_transport_lp(case):
+    from transport_lp import transport_lp_optimum
+
+    p, q = CASES[case]
+    for k in (2, 3):
+        if int((q > 0).sum()) >= k:
+            lp = transport_lp_optimum(md.get_verifier("rrs-wor"), p, q, k)
+            assert md.proofs.optimal_acceptance(p, q, k, replacement=False) == pytest.approx(lp, abs=1e-9)
+
+
+def test_optimum_without_replacement_at_a_large_vocabulary():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(4000, generator=g, dtype=torch.float64) * 3
+    p = logits.softmax(0)
+    q = (logits + torch.randn(4000, generator=g, dtype=torch.float64)).softmax(0)
+    tv = 0.5 * float((p - q).abs().sum())
+    assert md.proofs.optimal_acceptance(p, q, 1, replacement=False) == pytest.approx(1 - tv, abs=1e-12)
+    values = [md.proofs.optimal_acceptance(p, q, k, replacement=False) for k in (1, 2, 4, 8)]
+    assert values == sorted(values) and values[-1] <= 1
+    for k, value in zip((1, 2, 4, 8), values):  # distinct drafts never do worse than i.i.d. ones
+        assert value >= md.proofs.optimal_acceptance(p, q, k) - 1e-12

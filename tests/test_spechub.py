@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import itertools
 
-import numpy as np
 import pytest
 import torch
-from scipy.optimize import linprog
 
 import multidraft as md
+from transport_lp import transport_lp_optimum
 from multidraft.proofs.cases import CASES
 from multidraft.verifiers.base import CDF_BLOCK
 from multidraft.verifiers.spechub import (
@@ -70,27 +69,7 @@ ALL_CASES = list(CASES.values()) + random_cases(120)
 
 def lp_optimum(p: torch.Tensor, q: torch.Tensor) -> float:
     """max P(emitted token is a draft) over all couplings of SpecHub's draft law with p (scipy)."""
-    tuples, prob = md.proofs.enumeration.draft_law(SH, q, 2)
-    n, vocab = len(tuples), p.shape[0]
-    # Variable pi[t, y]: probability of drafting tuple t and emitting y.
-    reward = np.zeros((n, vocab))
-    for t, tup in enumerate(tuples.tolist()):
-        reward[t, sorted(set(tup))] = 1.0
-    rows_equal = np.zeros((n, n * vocab))  # sum_y pi[t, y] = D(t)
-    for t in range(n):
-        rows_equal[t, t * vocab : (t + 1) * vocab] = 1
-    cols_equal = np.zeros((vocab, n * vocab))  # sum_t pi[t, y] = p(y)
-    for y in range(vocab):
-        cols_equal[y, y::vocab] = 1
-    res = linprog(
-        -reward.ravel(),
-        A_eq=np.vstack([rows_equal, cols_equal]),
-        b_eq=np.concatenate([prob.numpy(), p.numpy()]),
-        bounds=(0, None),
-        method="highs",
-    )
-    assert res.status == 0, res.message
-    return -res.fun
+    return transport_lp_optimum(SH, p, q, 2)
 
 
 def closed_form_acceptance(p: torch.Tensor, q: torch.Tensor) -> float:

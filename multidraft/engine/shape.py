@@ -8,8 +8,9 @@ are nearly free; as the batch grows the target pass becomes compute-bound, its c
 measures both models' forward times and picks the shape with the highest expected tokens/s:
 
     costs = measure_costs(target, draft, batch_sizes=[1, 16, 64], token_counts=[1, 2, 3, 5, 9, 13])
-    acceptance = calibrate_acceptance(target, draft, "rrs", ks=[1, 2, 4], max_depth=6, prompts=...)
-    choice = choose_shape(16, costs, acceptance)      # ShapeChoice(num_drafts, depth, ...)
+    acceptance = calibrate_acceptance(target, draft, "rrs", ks=[1, 2, 4], max_depth=6, prompts=many_prompts)
+    overhead = measure_overhead(target, draft, "rrs", prompts=one_batch_of_16, costs=costs)
+    choice = choose_shape(16, costs, acceptance, overhead_ms=overhead)   # ShapeChoice(num_drafts, depth, ...)
 
 The acceptance at depth d does not depend on the depth the tree continues to (the walk decides
 depth d before it looks deeper), so one calibration run per k at ``max_depth`` gives the
@@ -25,9 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import Engine, model_forward
+from .engine import Engine, autoregressive_generate, model_forward
 
-__all__ = ["ShapeChoice", "calibrate_acceptance", "choose_shape", "expected_block_efficiency", "forward_ms", "measure_costs"]
+__all__ = ["Overhead", "ShapeChoice", "calibrate_acceptance", "choose_shape", "expected_block_efficiency", "forward_ms",
+           "measure_costs", "measure_overhead"]
 
 
 @dataclass(frozen=True)
@@ -81,24 +83,61 @@ def measure_costs(target, draft, batch_sizes, token_counts, **kwargs) -> dict:
 
 
 def calibrate_acceptance(target, draft, verifier, ks, max_depth: int, prompts, max_new_tokens: int = 48,
-                         device=None, costs: dict | None = None, **generate_options):
+                         device=None, **generate_options) -> dict:
     """{k: [acceptance at depth 1 .. max_depth]} from one engine run per k (see the module docstring).
 
-    With ``costs`` (from ``measure_costs`` at this batch size) it returns (acceptance, overhead_ms):
-    the engine's own per-round time beyond the model forwards, the smallest over the runs (timing
-    noise only adds time), at least 0.
+    Acceptance does not depend on the batch size, only on the content, so calibrate on more
+    prompts than one batch holds (a single prompt gives a very noisy estimate, greedy above all).
     """
-    out, overhead = {}, float("inf")
+    out = {}
     for k in ks:
         engine = Engine(target, draft, verifier=verifier, num_drafts=k, depth=max_depth, device=device)
-        stats = engine.generate(prompts, max_new_tokens, **generate_options).stats
-        out[k] = stats.acceptance_by_depth
-        if costs is not None:
-            batch = len(prompts)
-            model_ms = (_cost(costs["target"], batch, 1 + k * max_depth) + _cost(costs["draft"], batch, 1)
-                        + (max_depth - 1) * _cost(costs["draft"], batch, k))
-            overhead = min(overhead, 1e3 * stats.seconds / stats.rounds - model_ms)
-    return (out, max(overhead, 0.0)) if costs is not None else out
+        out[k] = engine.generate(prompts, max_new_tokens, **generate_options).stats.acceptance_by_depth
+    return out
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """The engine's own time per round beyond the model forwards: a fixed part (drafting the
+    first level, scoring setup, commits) and a part per depth (each level's masks, draft sampling
+    and verifier calls in the walk)."""
+
+    per_round_ms: float
+    per_depth_ms: float
+    plain_ms: float = 0.0  # the same for plain decoding: per step, beyond the target forward
+
+    def at(self, depth: int) -> float:
+        return self.plain_ms if depth == 0 else self.per_round_ms + self.per_depth_ms * depth
+
+
+def measure_overhead(target, draft, verifier, prompts, costs: dict, k: int = 2, depths=(1, 4), max_new_tokens: int = 48,
+                     device=None, repeats: int = 2, **generate_options) -> Overhead:
+    """Fit ``Overhead`` from engine runs at two depths on ``prompts`` (one batch, at the batch size
+    the costs were measured for): at each depth, seconds per round less the model forwards that
+    ``choose_shape`` charges, the smallest over ``repeats`` runs (timing noise only adds time)."""
+    if len(depths) != 2 or depths[0] >= depths[1]:
+        raise ValueError(f"depths must be two increasing depths, got {depths!r}")
+    batch = len(prompts)
+    totals = []
+    for depth in depths:
+        engine = Engine(target, draft, verifier=verifier, num_drafts=k, depth=depth, device=device)
+        engine.generate(prompts, 4, **generate_options)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            stats = engine.generate(prompts, max_new_tokens, **generate_options).stats
+            best = min(best, 1e3 * stats.seconds / stats.rounds - _model_ms(costs, batch, k, depth))
+        totals.append(best)
+    per_depth = max((totals[1] - totals[0]) / (depths[1] - depths[0]), 0.0)
+    plain = float("inf")
+    for _ in range(repeats):  # plain decoding pays its own sampling, masks and commits per step
+        stats = autoregressive_generate(target, prompts, max_new_tokens, device=device, **generate_options).stats
+        plain = min(plain, 1e3 * stats.seconds / stats.rounds - _cost(costs["target"], batch, 1))
+    return Overhead(max(totals[0] - per_depth * depths[0], 0.0), per_depth, max(plain, 0.0))
+
+
+def _model_ms(costs: dict, batch: int, k: int, depth: int) -> float:
+    """The model forwards of one round: target(B, 1 + k*D) + draft(B, 1) + (D - 1) * draft(B, k)."""
+    return _cost(costs["target"], batch, 1 + k * depth) + _cost(costs["draft"], batch, 1) + (depth - 1) * _cost(costs["draft"], batch, k)
 
 
 def _cost(table: dict, batch: int, tokens: int) -> float:
@@ -116,17 +155,19 @@ def _cost(table: dict, batch: int, tokens: int) -> float:
     return (1 - w) * table[batch, lo] + w * table[batch, hi]
 
 
-def choose_shape(batch: int, costs: dict, acceptance: dict, max_depth: int | None = None, overhead_ms: float = 0.0) -> ShapeChoice:
+def choose_shape(batch: int, costs: dict, acceptance: dict, max_depth: int | None = None,
+                 overhead_ms: float | Overhead = 0.0) -> ShapeChoice:
     """The (k, D) with the highest expected tokens/s at this batch size, or (0, 0), plain decoding,
     when no shape beats it.  A round costs target(B, 1 + k*D) + draft(B, 1) + (D - 1) * draft(B, k)
-    + overhead_ms (the engine's own per-round work: the walk, masks, commits)."""
-    target, draft = costs["target"], costs["draft"]
-    plain = _cost(target, batch, 1)
+    plus the engine's own work: ``overhead_ms`` per round, or an ``Overhead`` with a part per depth
+    (and one per step of plain decoding, charged to that option)."""
+    overhead = overhead_ms if isinstance(overhead_ms, Overhead) else Overhead(float(overhead_ms), 0.0)
+    plain = _cost(costs["target"], batch, 1) + overhead.at(0)
     best = ShapeChoice(0, 0, 1.0, plain, 1e3 * batch / plain)
     for k, rates in sorted(acceptance.items()):
         for depth in range(1, min(len(rates), max_depth or len(rates)) + 1):
             try:
-                ms = _cost(target, batch, 1 + k * depth) + _cost(draft, batch, 1) + (depth - 1) * _cost(draft, batch, k) + overhead_ms
+                ms = _model_ms(costs, batch, k, depth) + overhead.at(depth)
             except ValueError:
                 continue  # a tree larger than anything measured: not a candidate
             eff = expected_block_efficiency(rates[:depth])

@@ -9,10 +9,12 @@ import torch
 
 from multidraft.engine import GPT, Engine, GPTConfig, early_exit
 from multidraft.engine.shape import (
+    Overhead,
     calibrate_acceptance,
     choose_shape,
     expected_block_efficiency,
     measure_costs,
+    measure_overhead,
 )
 
 
@@ -68,13 +70,29 @@ def test_measured_costs_and_calibrated_acceptance_on_a_real_pair():
     assert math.isfinite(choice.block_efficiency)
 
 
-def test_calibration_estimates_the_engine_overhead():
+def test_overhead_has_a_part_per_depth():
     torch.manual_seed(0)
     target = GPT(GPTConfig(vocab_size=64, n_layer=2, dim=32, n_head=4)).eval()
     draft = early_exit(target, 1)
-    costs = measure_costs(target, draft, batch_sizes=[2], token_counts=[1, 2, 5], repeats=1)
+    costs = measure_costs(target, draft, batch_sizes=[2], token_counts=[1, 2, 5, 9], repeats=1)
     prompts = [[1, 2, 3], [4, 5]]
-    acceptance, overhead = calibrate_acceptance(target, draft, "rrs", ks=[2], max_depth=2, prompts=prompts,
-                                                max_new_tokens=8, seed=0, device="cpu", costs=costs)
-    assert len(acceptance[2]) == 2 and overhead >= 0
+    overhead = measure_overhead(target, draft, "rrs", prompts, costs, k=2, depths=(1, 4), max_new_tokens=8, seed=0, device="cpu")
+    assert overhead.per_round_ms >= 0 and overhead.per_depth_ms >= 0 and overhead.plain_ms >= 0
+    assert overhead.at(0) == overhead.plain_ms
+    assert overhead.at(3) == pytest.approx(overhead.per_round_ms + 3 * overhead.per_depth_ms)
+    acceptance = calibrate_acceptance(target, draft, "rrs", ks=[2], max_depth=2, prompts=prompts, max_new_tokens=8, seed=0, device="cpu")
     assert choose_shape(2, costs, acceptance, overhead_ms=overhead).round_ms > 0
+    with pytest.raises(ValueError, match="two increasing depths"):
+        measure_overhead(target, draft, "rrs", prompts, costs, depths=(3, 1))
+
+
+def test_a_per_depth_overhead_makes_shallower_trees_win():
+    costs = synthetic_costs([1], list(range(1, 26)))
+    acceptance = {1: [0.7] * 6}
+    deep = choose_shape(1, costs, acceptance, overhead_ms=Overhead(1.0, 0.0))
+    shallow = choose_shape(1, costs, acceptance, overhead_ms=Overhead(1.0, 4.0))
+    assert shallow.depth < deep.depth
+    # Plain decoding's own overhead counts against it: with a costly plain step, speculation wins.
+    costs = synthetic_costs([256], list(range(1, 26)))
+    assert choose_shape(256, costs, acceptance, overhead_ms=Overhead(1.0, 0.0)).depth == 0
+    assert choose_shape(256, costs, acceptance, overhead_ms=Overhead(1.0, 0.0, plain_ms=50.0)).depth > 0
