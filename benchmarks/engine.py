@@ -49,6 +49,8 @@ CONFIGS = [("single", dict(num_drafts=1, depth=4)), ("rrs", dict(num_drafts=2, d
 # The adaptive run compares its choice with these fixed (k, D), all timed alternately in the same run.
 FIXED_SHAPES = [(1, 4), (2, 2), (2, 4), (4, 3), (2, 6)]
 CALIBRATION_PROMPTS = 16
+EVALUATION_REQUESTS = 8
+CHOICE_MARGIN = 0.05  # speculate only where it is predicted to beat plain decoding by 5 %
 
 
 def shape_label(shape: dict) -> str:
@@ -137,26 +139,35 @@ def run_adaptive(args) -> dict:
     for batch in args.batches:
         costs = measure_costs(target, draft, [batch], tokens, repeats=3)
         calib = prompts_for(max(batch, CALIBRATION_PROMPTS), args.prompt_len, seed=1000 + batch)
-        prompts = prompts_for(batch, args.prompt_len, seed=batch)
+        # Timed on at least EVALUATION_REQUESTS requests (several batches at small batch sizes):
+        # one prompt of 48 tokens says little about a shape's speed on others.
+        batches = [prompts_for(batch, args.prompt_len, seed=batch + 100 * i) for i in range(max(1, EVALUATION_REQUESTS // batch))]
         for temperature in args.temperatures:
             settings = dict(temperature=temperature, seed=0)
-            acceptance = calibrate_acceptance(target, draft, args.adaptive_verifier, [1, 2, 4], max_depth, calib, args.new_tokens,
-                                              device="cpu", **settings)
+            acceptance, spread = calibrate_acceptance(target, draft, args.adaptive_verifier, [1, 2, 4], max_depth, calib,
+                                                      args.new_tokens, device="cpu", per_request=True, **settings)
             overhead = measure_overhead(target, draft, args.adaptive_verifier, calib[:batch], costs, depths=(1, 4),
                                         max_new_tokens=args.new_tokens, device="cpu", **settings)
-            choice = choose_shape(batch, costs, acceptance, overhead_ms=overhead)
+            choice = choose_shape(batch, costs, acceptance, overhead_ms=overhead, margin=CHOICE_MARGIN, request_efficiency=spread)
             shapes = {"adaptive": (choice.num_drafts, choice.depth), **{f"k{k} D{d}": (k, d) for k, d in FIXED_SHAPES}}
             rates = {name: [] for name in shapes}
             base_rates = []
-            for _ in range(args.repeats):  # alternate, so every shape sees the same machine load
-                base_rates.append(autoregressive_generate(target, prompts, args.new_tokens, device="cpu", **settings).stats.tokens_per_second)
-                for name, (k, depth) in shapes.items():
+            def tokens_per_second(k: int, depth: int) -> float:
+                """Over all evaluation batches: total tokens / total seconds."""
+                tokens = seconds = 0.0
+                for prompts in batches:
                     if depth == 0:
                         stats = autoregressive_generate(target, prompts, args.new_tokens, device="cpu", **settings).stats
                     else:
                         engine = Engine(target, draft, verifier=args.adaptive_verifier, num_drafts=k, depth=depth, device="cpu")
                         stats = engine.generate(prompts, args.new_tokens, **settings).stats
-                    rates[name].append(stats.tokens_per_second)
+                    tokens, seconds = tokens + stats.new_tokens, seconds + stats.seconds
+                return tokens / seconds
+
+            for _ in range(args.repeats):  # alternate, so every shape sees the same machine load
+                base_rates.append(tokens_per_second(0, 0))
+                for name, (k, depth) in shapes.items():
+                    rates[name].append(tokens_per_second(k, depth))
             median = {name: statistics.median(r) for name, r in rates.items()}
             best_fixed = max((name for name in shapes if name != "adaptive"), key=median.get)
             base = statistics.median(base_rates)

@@ -28,8 +28,8 @@ import torch
 
 from .engine import Engine, autoregressive_generate, model_forward
 
-__all__ = ["Overhead", "ShapeChoice", "calibrate_acceptance", "choose_shape", "expected_block_efficiency", "forward_ms",
-           "measure_costs", "measure_overhead"]
+__all__ = ["Overhead", "ShapeChoice", "batch_efficiency_share", "calibrate_acceptance", "choose_shape",
+           "expected_block_efficiency", "forward_ms", "measure_costs", "measure_overhead"]
 
 
 @dataclass(frozen=True)
@@ -83,17 +83,39 @@ def measure_costs(target, draft, batch_sizes, token_counts, **kwargs) -> dict:
 
 
 def calibrate_acceptance(target, draft, verifier, ks, max_depth: int, prompts, max_new_tokens: int = 48,
-                         device=None, **generate_options) -> dict:
+                         device=None, per_request: bool = False, **generate_options):
     """{k: [acceptance at depth 1 .. max_depth]} from one engine run per k (see the module docstring).
 
     Acceptance does not depend on the batch size, only on the content, so calibrate on more
     prompts than one batch holds (a single prompt gives a very noisy estimate, greedy above all).
+    With ``per_request`` it also returns {k: [block efficiency of each request at max_depth]},
+    the spread ``choose_shape`` needs to charge a batch for waiting on its slowest request.
     """
-    out = {}
+    out, spread = {}, {}
     for k in ks:
         engine = Engine(target, draft, verifier=verifier, num_drafts=k, depth=max_depth, device=device)
-        out[k] = engine.generate(prompts, max_new_tokens, **generate_options).stats.acceptance_by_depth
-    return out
+        stats = engine.generate(prompts, max_new_tokens, **generate_options).stats
+        out[k], spread[k] = stats.acceptance_by_depth, stats.block_efficiency_per_request
+    return (out, spread) if per_request else out
+
+
+def batch_efficiency_share(efficiencies, batch: int) -> float:
+    """How much of a request's speculative gain a batch keeps: a batch decodes until its slowest
+    request is done, so it runs E[max_b n / e_b] = n E[1 / min_b e_b] rounds for requests of block
+    efficiency e_b.  With the e_b drawn from ``efficiencies`` (calibrated per request), returns
+    (1 / E[1 / min] - 1) / (1 / E[1 / e] - 1) in [0, 1], relative to batch 1 (whose rate over
+    many requests is already the harmonic mean, as the pooled acceptance gives it): 1 when every
+    request is alike or batch = 1."""
+    values = sorted(float(e) for e in efficiencies)
+    m = len(values)
+    if m == 0:
+        return 1.0
+    single = m / sum(1 / v for v in values)  # 1 / E[1 / e]
+    if single <= 1:
+        return 1.0
+    # P(the minimum of `batch` draws with replacement is the i-th smallest value)
+    inverse = sum((((m - i) / m) ** batch - ((m - i - 1) / m) ** batch) / v for i, v in enumerate(values))
+    return min(max((1 / inverse - 1) / (single - 1), 0.0), 1.0)
 
 
 @dataclass(frozen=True)
@@ -156,14 +178,21 @@ def _cost(table: dict, batch: int, tokens: int) -> float:
 
 
 def choose_shape(batch: int, costs: dict, acceptance: dict, max_depth: int | None = None,
-                 overhead_ms: float | Overhead = 0.0) -> ShapeChoice:
+                 overhead_ms: float | Overhead = 0.0, margin: float = 0.0, request_efficiency: dict | None = None) -> ShapeChoice:
     """The (k, D) with the highest expected tokens/s at this batch size, or (0, 0), plain decoding,
-    when no shape beats it.  A round costs target(B, 1 + k*D) + draft(B, 1) + (D - 1) * draft(B, k)
+    when no shape beats it by more than ``margin`` (a fraction: acceptance calibrated on other
+    prompts and timed costs are estimates, and a shape that is predicted to win by a hair loses as
+    often as it wins).  A round costs target(B, 1 + k*D) + draft(B, 1) + (D - 1) * draft(B, k)
     plus the engine's own work: ``overhead_ms`` per round, or an ``Overhead`` with a part per depth
-    (and one per step of plain decoding, charged to that option)."""
+    (and one per step of plain decoding, charged to that option).  With ``request_efficiency``
+    ({k: per-request block efficiencies}, from ``calibrate_acceptance(per_request=True)``) the
+    speculative gain is scaled by ``batch_efficiency_share``: the batch waits for its slowest
+    request, a loss that grows with the batch and with how much requests differ."""
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must be in [0, 1), got {margin}")
     overhead = overhead_ms if isinstance(overhead_ms, Overhead) else Overhead(float(overhead_ms), 0.0)
     plain = _cost(costs["target"], batch, 1) + overhead.at(0)
-    best = ShapeChoice(0, 0, 1.0, plain, 1e3 * batch / plain)
+    best = ShapeChoice(0, 0, 1.0, plain, 1e3 * batch / plain * (1 + margin))  # the bar a shape must clear
     for k, rates in sorted(acceptance.items()):
         for depth in range(1, min(len(rates), max_depth or len(rates)) + 1):
             try:
@@ -171,7 +200,11 @@ def choose_shape(batch: int, costs: dict, acceptance: dict, max_depth: int | Non
             except ValueError:
                 continue  # a tree larger than anything measured: not a candidate
             eff = expected_block_efficiency(rates[:depth])
+            if request_efficiency is not None and request_efficiency.get(k):
+                eff = 1 + (eff - 1) * batch_efficiency_share(request_efficiency[k], batch)
             rate = 1e3 * batch * eff / ms
             if rate > best.tokens_per_second:
                 best = ShapeChoice(k, depth, eff, ms, rate)
+    if best.depth == 0:  # report plain decoding's own prediction, not the bar
+        best = ShapeChoice(0, 0, 1.0, plain, 1e3 * batch / plain)
     return best

@@ -10,6 +10,7 @@ import torch
 from multidraft.engine import GPT, Engine, GPTConfig, early_exit
 from multidraft.engine.shape import (
     Overhead,
+    batch_efficiency_share,
     calibrate_acceptance,
     choose_shape,
     expected_block_efficiency,
@@ -96,3 +97,42 @@ def test_a_per_depth_overhead_makes_shallower_trees_win():
     costs = synthetic_costs([256], list(range(1, 26)))
     assert choose_shape(256, costs, acceptance, overhead_ms=Overhead(1.0, 0.0)).depth == 0
     assert choose_shape(256, costs, acceptance, overhead_ms=Overhead(1.0, 0.0, plain_ms=50.0)).depth > 0
+
+
+def test_a_margin_keeps_plain_decoding_unless_speculation_clearly_wins():
+    costs = synthetic_costs([1], list(range(1, 26)))
+    plain = costs["target"][1, 1]
+    # One depth, acceptance tuned so that speculation is predicted 3% faster than plain decoding.
+    ms = costs["target"][1, 3] + costs["draft"][1, 1]
+    rate = 1.03 * 1e3 / plain
+    acceptance = {2: [rate * ms / 1e3 - 1]}
+    assert choose_shape(1, costs, acceptance).depth == 1
+    kept = choose_shape(1, costs, acceptance, margin=0.05)
+    assert kept.depth == 0 and kept.tokens_per_second == pytest.approx(1e3 / plain)
+    with pytest.raises(ValueError, match="margin must be in \\[0, 1\\), got 1.5"):
+        choose_shape(1, costs, acceptance, margin=1.5)
+
+
+def test_a_batch_waits_for_its_slowest_request():
+    assert batch_efficiency_share([3.0, 3.0, 3.0], 16) == pytest.approx(1.0)  # alike: nothing lost
+    assert batch_efficiency_share([2.0, 4.0], 1) == pytest.approx(1.0)  # relative to batch 1
+    # Two kinds of request, block efficiency 2 and 4.  One at a time they give 1 / E[1/e] = 8/3
+    # tokens per round; a batch of 2 is slowed by any 2 in it: E[1/min] = 3/4 * 1/2 + 1/4 * 1/4
+    # = 7/16, so 16/7 tokens per round, and the share of the gain kept is (16/7 - 1) / (8/3 - 1).
+    assert batch_efficiency_share([2.0, 4.0], 2) == pytest.approx((16 / 7 - 1) / (8 / 3 - 1))
+    # Large batches hold the slowest request almost surely.
+    assert batch_efficiency_share([2.0, 4.0], 64) == pytest.approx((2 - 1) / (8 / 3 - 1), abs=1e-12)
+    costs = synthetic_costs([1, 64], list(range(1, 26)))
+    acceptance = {2: [0.9] * 4}
+    alike = choose_shape(64, costs, acceptance, request_efficiency={2: [4.4] * 8})
+    ragged = choose_shape(64, costs, acceptance, request_efficiency={2: [1.2, 4.4, 4.4, 4.4]})
+    assert ragged.tokens_per_second < alike.tokens_per_second
+
+
+def test_calibration_can_return_per_request_efficiencies():
+    torch.manual_seed(0)
+    target = GPT(GPTConfig(vocab_size=64, n_layer=2, dim=32, n_head=4)).eval()
+    draft = early_exit(target, 1)
+    acceptance, spread = calibrate_acceptance(target, draft, "rrs", ks=[2], max_depth=2, prompts=[[1, 2], [3], [4, 5, 6]],
+                                              max_new_tokens=6, seed=0, device="cpu", per_request=True)
+    assert len(acceptance[2]) == 2 and len(spread[2]) == 3 and all(1 <= e <= 3 for e in spread[2])
