@@ -70,40 +70,32 @@ def test_cli_generate_builtin_pair_greedy(capsys):
     assert "target alone:" in out and "speedup" in out
 
 
-def test_cli_generate_shipped_pair_prints_text(capsys):
+def generate_prints_plain_greedy(capsys, *shape) -> str:
+    """Run `generate` greedily on the shipped pair with these shape options; its first line must
+    be plain greedy decoding's text.  Returns the whole output."""
     from multidraft.engine.pretrained import decode, encode, load_pair
 
-    assert main(["generate", "--verifier", "rrs-wor", "-k", "2", "-d", "3", "-n", "12", "-t", "0",
-                 "--prompt-text", "import os\\n", "--device", "cpu"]) == 0
+    assert main(["generate", *shape, "-n", "12", "-t", "0", "--prompt-text", "import os\\n", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     target, _ = load_pair()
     expected = decode(autoregressive_generate(target, [encode("import os\n").tolist()], 12, temperature=0.0, device="cpu").tokens[0].tolist())
     assert out.splitlines()[0] == repr(expected)
+    return out
+
+
+def test_cli_generate_shipped_pair_prints_text(capsys):
+    generate_prints_plain_greedy(capsys, "--verifier", "rrs-wor", "-k", "2", "-d", "3")
 
 
 def test_cli_generate_branching_tree(capsys):
-    from multidraft.engine.pretrained import decode, encode, load_pair
-
-    assert main(["generate", "--verifier", "spechub", "--widths", "2,2,2", "-n", "12", "-t", "0",
-                 "--prompt-text", "import os\\n", "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    target, _ = load_pair()
-    expected = decode(autoregressive_generate(target, [encode("import os\n").tolist()], 12, temperature=0.0, device="cpu").tokens[0].tolist())
-    assert out.splitlines()[0] == repr(expected)
+    out = generate_prints_plain_greedy(capsys, "--verifier", "spechub", "--widths", "2,2,2")
     assert "verifier spechub  widths=2,2,2" in out
     assert main(["generate", "--widths", "2,2", "--depth", "2", "-n", "2", "--device", "cpu"]) == 2
     assert "give either widths" in capsys.readouterr().err
 
 
 def test_cli_generate_staged_with_the_shipped_bigram(capsys):
-    from multidraft.engine.pretrained import decode, encode, load_pair
-
-    assert main(["generate", "--draft2", "bigram", "-k", "2", "-d", "4", "-n", "12", "-t", "0",
-                 "--prompt-text", "import os\\n", "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    target, _ = load_pair()
-    expected = decode(autoregressive_generate(target, [encode("import os\n").tolist()], 12, temperature=0.0, device="cpu").tokens[0].tolist())
-    assert out.splitlines()[0] == repr(expected)
+    out = generate_prints_plain_greedy(capsys, "--draft2", "bigram", "-k", "2", "-d", "4")
     assert "draft2 passes" in out
 
 

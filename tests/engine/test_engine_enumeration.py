@@ -25,28 +25,37 @@ from multidraft.engine import TableModel
 VOCAB = 3
 
 
-def round_law(verifier, target, draft, prompt, k, depth, follow_rule="emitted"):
-    """Law [V^(D+1)] of the first D + 1 tokens: one round, then plain target sampling."""
+def cached_rows(model):
+    """ctx (a tuple of ids) -> the table's next-token row [1, V], memoized."""
 
     @lru_cache(maxsize=None)
-    def p(ctx):
-        return target.next_probs(list(ctx)).unsqueeze(0)  # [1, V]
+    def row(ctx):
+        return model.next_probs(list(ctx)).unsqueeze(0)
 
-    @lru_cache(maxsize=None)
-    def q(ctx):
-        return draft.next_probs(list(ctx)).unsqueeze(0)
+    return row
 
-    law = np.zeros(VOCAB ** (depth + 1))
+
+def target_continuation(p, law: np.ndarray, length: int):
+    """finish(ctx, emitted, weight): continue with plain target sampling until ``length`` tokens are
+    emitted, adding each sequence's weight to ``law`` (indexed by its base-V number)."""
 
     def finish(ctx, emitted, weight):
-        """Continue with the target until D + 1 tokens are emitted."""
-        if len(emitted) == depth + 1:
-            law[int(np.ravel_multi_index(emitted, (VOCAB,) * (depth + 1)))] += weight
+        if len(emitted) == length:
+            law[int(np.ravel_multi_index(emitted, (VOCAB,) * length))] += weight
             return
         row = p(ctx)[0]
         for tok in range(VOCAB):
             if row[tok] > 0:
                 finish(ctx + (tok,), emitted + [tok], weight * float(row[tok]))
+
+    return finish
+
+
+def round_law(verifier, target, draft, prompt, k, depth, follow_rule="emitted"):
+    """Law [V^(D+1)] of the first D + 1 tokens: one round, then plain target sampling."""
+    p, q = cached_rows(target), cached_rows(draft)
+    law = np.zeros(VOCAB ** (depth + 1))
+    finish = target_continuation(p, law, depth + 1)
 
     def walk(ctx, x, alive, level, emitted, weight):
         if level == depth:  # every level accepted: bonus token from p after the leaf
@@ -123,14 +132,7 @@ def branching_round_law(verifier, target, draft, prompt, widths):
     children by the verifier's scheme, the walk follows the first child equal to the emitted
     token, then plain target sampling continues.  Sums over every whole tree."""
     depth = len(widths)
-
-    @lru_cache(maxsize=None)
-    def p(ctx):
-        return target.next_probs(list(ctx)).unsqueeze(0)
-
-    @lru_cache(maxsize=None)
-    def q(ctx):
-        return draft.next_probs(list(ctx)).unsqueeze(0)
+    p, q = cached_rows(target), cached_rows(draft)
 
     @lru_cache(maxsize=None)
     def trees(ctx, level):
@@ -151,15 +153,7 @@ def branching_round_law(verifier, target, draft, prompt, widths):
         return out
 
     law = np.zeros(VOCAB ** (depth + 1))
-
-    def finish(ctx, emitted, weight):
-        if len(emitted) == depth + 1:
-            law[int(np.ravel_multi_index(emitted, (VOCAB,) * (depth + 1)))] += weight
-            return
-        row = p(ctx)[0]
-        for tok in range(VOCAB):
-            if row[tok] > 0:
-                finish(ctx + (tok,), emitted + [tok], weight * float(row[tok]))
+    finish = target_continuation(p, law, depth + 1)
 
     def walk(ctx, children, emitted, weight):
         if not children:  # a leaf: the bonus token from p
