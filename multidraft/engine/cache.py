@@ -86,6 +86,16 @@ class KVCache:
         """Record that a forward wrote ``num_new`` slots per request (called once per forward)."""
         self.used += num_new
 
+    def keep_rows(self, index: Tensor) -> None:
+        """Keep only the requests ``index`` [B'] (in that order), between rounds: finished requests
+        leave the batch, and every later forward computes for the rest only."""
+        if self.used:
+            raise ValueError(f"keep_rows between rounds only: {self.used} slots of this round are not committed")
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+        self.lens = self.lens[index]
+        self.max_committed = int(self.lens.max()) if index.numel() else 0
+
     def commit(self, keep: Tensor, num_keep: Tensor) -> None:
         """Keep the round's slots ``keep[b, :num_keep[b]]`` (offsets from lens[b]) and drop the rest.
 

@@ -572,6 +572,11 @@ class RequestRandom:
         else:
             raise ValueError(f"seed must be None, an int or a list of ints (one per request), got {seed!r}")
 
+    def keep(self, index: Tensor) -> None:
+        """Follow the batch when only the requests ``index`` stay in it."""
+        if self.per_request is not None:
+            self.per_request = [self.per_request[i] for i in index.tolist()]
+
     def draw(self, fn, requests: Tensor, *rows: Tensor) -> Tensor:
         """``fn(*rows, generator)`` for the requests ``requests`` [n], whose data are ``rows``
         (each [n, ...]); the result is [n, ...]."""
@@ -646,6 +651,7 @@ class Engine:
         sampling = SamplingConfig(temperature, top_k, top_p)
         device, k, depth, n = self.device, self.num_drafts, self.depth, max_new_tokens
         prompts, prompt_len = prepare_prompts(prompt_ids, self.vocab_size, device)  # [B, T], [B]
+        prompt_lengths = prompt_len
         bsz = prompts.shape[0]
         stats = GenerationStats(reached_by_depth=[0] * depth, accepted_by_depth=[0] * depth)
         if n == 0:
@@ -673,7 +679,11 @@ class Engine:
         emitted_per_request = torch.zeros(bsz, dtype=torch.long, device=device)  # [B]
         rounds_per_request = torch.zeros(bsz, dtype=torch.long, device=device)  # [B]
 
-        while not bool(done.all()):
+        # Batch row -> request.  A request that is done leaves the batch (its tokens go to `result`),
+        # so later rounds draft, score and walk for the unfinished requests only.
+        request = torch.arange(bsz, device=device)
+        result = seq.clone()
+        while request.numel():
             active = ~done
             if self.draft2 is None:
                 x, q_levels, canon, d_valid, d_count = draft_tree(self.draft, draft_cache, seq, seq_len, verifier, k, depth,
@@ -703,12 +713,21 @@ class Engine:
             stats.target_passes += 1
             stats.draft_passes += passes
             stats.draft2_passes += passes2
-            emitted_per_request += torch.where(active, accepted + 1, 0)
-            rounds_per_request += active.long()
+            emitted_per_request.index_add_(0, request, torch.where(active, accepted + 1, 0))
+            rounds_per_request.index_add_(0, request, active.long())
+            if bool(done.any()):
+                result[request[done]] = seq[done]
+                stay = (~done).nonzero().squeeze(1)
+                request, seq, seq_len, prompt_len, done = request[stay], seq[stay], seq_len[stay], prompt_len[stay], done[stay]
+                for cache in (target_cache, draft_cache, draft2_cache):
+                    if cache is not None:
+                        cache.keep_rows(stay)
+                random.keep(stay)
 
         # The first n new tokens of each request; cut after an eos.
+        prompt_len = prompt_lengths
         j = torch.arange(n, device=device).unsqueeze(0)  # [1, n]
-        tokens = seq.gather(1, (prompt_len.unsqueeze(1) + j).clamp(max=seq.shape[1] - 1))  # [B, n]
+        tokens = result.gather(1, (prompt_len.unsqueeze(1) + j).clamp(max=result.shape[1] - 1))  # [B, n]
         lengths = torch.full((bsz,), n, dtype=torch.long, device=device)
         if eos_token_id is not None:
             is_eos = tokens == eos_token_id

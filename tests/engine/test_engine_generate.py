@@ -140,6 +140,32 @@ def test_eos_stops_a_request_and_pads():
     assert (out.tokens[0, cut:] == -1).all()
 
 
+def test_finished_requests_leave_the_batch():
+    """A request stopped by eos leaves the batch: later target passes run on fewer rows, and the
+    others still decode exactly as plain greedy."""
+    target = gpt(0)
+    sizes = []
+
+    class Spy(torch.nn.Module):
+        vocab_size = target.vocab_size
+
+        def new_cache(self, *args, **kwargs):
+            return target.new_cache(*args, **kwargs)
+
+        def forward(self, ids, pos, mask, cache):
+            sizes.append(ids.shape[0])
+            return target(ids, pos, mask, cache)
+
+    engine = Engine(Spy(), noisy_copy(target, 0.1, seed=1), verifier="rrs", num_drafts=2, depth=2, device="cpu")
+    refs = [plain_greedy(target, prompt, 12) for prompt in PROMPTS]
+    eos = refs[0][1]  # request 0 stops after two tokens
+    out = engine.generate(PROMPTS, max_new_tokens=12, temperature=0.0, eos_token_id=eos)
+    assert sizes[0] == len(PROMPTS) and sizes == sorted(sizes, reverse=True) and sizes[-1] < len(PROMPTS)
+    for b, ref in enumerate(refs):
+        cut = ref.index(eos) + 1 if eos in ref else 12
+        assert out.lengths[b] == cut and out.tokens[b, :cut].tolist() == ref[:cut], f"request {b}"
+
+
 def test_zero_new_tokens_and_stats_fields():
     engine = Engine(gpt(0), gpt(1), device="cpu")
     out = engine.generate(PROMPTS, max_new_tokens=0)
