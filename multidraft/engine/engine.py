@@ -92,13 +92,52 @@ def greedy_roots(logits: Tensor, k: int) -> Tensor:
     return torch.cat([top, top[:, :1].expand(-1, k - top.shape[1])], dim=1)
 
 
+def draft_within_support(verifier: Verifier, q: Tensor, width: int, generator) -> Tensor:
+    """``verifier.draft(q, width)`` [n, width], except where a distinct-draft scheme meets a row
+    with fewer than ``width`` tokens of positive q (after top-k or top-p): that row draws all of
+    them -- the scheme with fewer drafts, exact as any draft count is -- and repeats its first
+    draft in the spare columns, which ``drafts_within_support`` marks as no draft."""
+    if not verifier.distinct_drafts:
+        return verifier.draft(q, width, generator)
+    count = (q > 0).sum(dim=-1).clamp(max=width)  # [n]
+    if bool((count == width).all()):
+        return verifier.draft(q, width, generator)
+    fewest = int(count.min())
+    if fewest < verifier.min_drafts:
+        raise ValueError(f"verifier {verifier.name!r} needs >= {verifier.min_drafts} distinct drafts, but a row of q has "
+                         f"only {fewest} tokens with positive probability (top-k / top-p leave too few)")
+    out = torch.empty(q.shape[0], width, dtype=torch.long, device=q.device)
+    for c in torch.unique(count).tolist():
+        rows = (count == c).nonzero().squeeze(1)
+        drafts = verifier.draft(q[rows], c, generator)  # [r, c]
+        out[rows] = torch.cat([drafts, drafts[:, :1].expand(-1, width - c)], dim=1)
+    return out
+
+
+def drafts_within_support(verifier: Verifier, q: Tensor, width: int) -> Tensor:
+    """[n, width]: True for the columns of ``draft_within_support`` that are real drafts."""
+    columns = torch.arange(width, device=q.device)
+    if not verifier.distinct_drafts:
+        return torch.ones(q.shape[0], width, dtype=torch.bool, device=q.device)
+    return columns < (q > 0).sum(dim=-1, keepdim=True)
+
+
+class DraftTree(NamedTuple):
+    """A drafted round: what the target pass, the walk and the draft's commit need."""
+
+    x: Tensor  # [B, k, D] the tokens of each path
+    q_levels: Tensor  # [B, D, k, V] draft probs at the node of each slot (level 0: the root, in every slot)
+    canon: Tensor  # [B, D, k] node of each slot (tree.py)
+    paths: Tensor  # [B, k] False for a path that carries no draft (a spare column of draft_within_support)
+    valid: Tensor  # [B, P] the draft's pending block
+    count: Tensor  # [B]
+
+
 def draft_tree(draft, cache, seq, seq_len, verifier, k, depth, sampling, random: RequestRandom, widths=None):
     """Draft the round's tree: k sequences of ``depth`` tokens per request, or, with ``widths``,
     a branching tree (widths[l] children per node at depth l) laid out as its k paths.
 
-    Returns x [B, k, D] (the tokens), q_levels [B, D, k, V] (draft probs at the node of each
-    slot: level 0 is the root, stored in slot 0; level l >= 1 the nodes at depth l), canon
-    [B, D, k] (tree.py) and the draft's pending block (valid [B, P], count [B]) for the commit.
+    Returns a ``DraftTree``.
     """
     ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)  # [B, P]
     logits = model_forward(draft, cache, ids, pos, pending_rows(valid))  # [B, P, V]
@@ -108,18 +147,24 @@ def draft_tree(draft, cache, seq, seq_len, verifier, k, depth, sampling, random:
     q_root = logits_to_probs(root_logits, sampling)  # [B, 1, V]
     every = torch.arange(seq.shape[0], device=seq.device)  # [B]
 
-    def children(node_logits: Tensor, q_nodes: Tensor, width: int) -> Tensor:
-        """``width`` children for each of n nodes [B, n] -> tokens [B, n * width], by the
+    def children(node_logits: Tensor, q_nodes: Tensor, width: int) -> tuple[Tensor, Tensor]:
+        """``width`` children for each of n nodes [B, n] -> (tokens, real) [B, n * width], by the
         verifier's own scheme.  Greedy decoding verifies by matching the target's argmax, so
         any drafts are exact: the draft's ``width`` most likely tokens give distinct chances."""
+        bsz = seq.shape[0]
         if sampling.greedy:
-            return greedy_roots(node_logits.reshape(-1, vocab), width).view(seq.shape[0], -1)
-        return random.draw(lambda q, g: verifier.draft(q.reshape(-1, vocab), width, g).view(q.shape[0], -1), every, q_nodes)
+            tokens = greedy_roots(node_logits.reshape(-1, vocab), width).view(bsz, -1)
+            return tokens, torch.ones_like(tokens, dtype=torch.bool)
+        tokens = random.draw(lambda q, g: draft_within_support(verifier, q.reshape(-1, vocab), width, g).view(q.shape[0], -1),
+                             every, q_nodes)
+        return tokens, drafts_within_support(verifier, q_nodes.reshape(-1, vocab), width).view(bsz, -1)
 
     spans = subtree_spans(widths) if widths else None
     shape_canon = branching_canon(widths, seq.shape[0], seq.device) if widths else None
-    first = children(root_logits, q_root, widths[0] if widths else k)  # [B, widths[0] or k]
-    x = [first.repeat_interleave(spans[0], dim=1) if widths else first]  # D tensors [B, k]
+    first, paths = children(root_logits, q_root, widths[0] if widths else k)  # [B, widths[0] or k]
+    if widths:
+        first, paths = first.repeat_interleave(spans[0], dim=1), paths.repeat_interleave(spans[0], dim=1)
+    x = [first]  # D tensors [B, k]
     q_levels = [q_root.expand(-1, k, -1)]  # D tensors [B, k, V]
     for level in range(1, depth):
         canon = shape_canon[:, :level] if widths else prefix_groups(torch.stack(x, dim=2))  # [B, level, k]
@@ -131,7 +176,9 @@ def draft_tree(draft, cache, seq, seq_len, verifier, k, depth, sampling, random:
         q_seq = q_nodes.gather(1, node)  # [B, k, V]
         if widths:  # every node draws its own children; node n's first path is slot n
             heads = slice(None, None, spans[level - 1])
-            new = children(logits[:, heads], q_nodes[:, heads], widths[level]).repeat_interleave(spans[level], dim=1)
+            new, real = children(logits[:, heads], q_nodes[:, heads], widths[level])
+            new = new.repeat_interleave(spans[level], dim=1)
+            paths = paths & real.repeat_interleave(spans[level], dim=1)  # a spare child's subtree carries no drafts
         elif sampling.greedy:  # each sequence continues greedily (q is one-hot at the argmax)
             new = q_seq.argmax(dim=-1)
         else:  # each sequence samples its next token from q at its node
@@ -140,7 +187,7 @@ def draft_tree(draft, cache, seq, seq_len, verifier, k, depth, sampling, random:
         q_levels.append(q_seq)
     x = torch.stack(x, dim=2)  # [B, k, D]
     canon = shape_canon if widths else prefix_groups(x)
-    return x, torch.stack(q_levels, dim=1), canon, valid, count
+    return DraftTree(x, torch.stack(q_levels, dim=1), canon, paths, valid, count)
 
 
 # ---- 1b. draft, staged: a second draft model speculates for the draft -------------------------
@@ -219,7 +266,7 @@ def draft_tree_staged(draft, draft2, cache, cache2, seq, seq_len, verifier, k, d
 
     Each model's K/V for a sequence's token at depth l sits wherever that token was fed
     (``offsets``); the commit keeps the accepted path from there, as it does from the fixed
-    layout without draft2.  Returns draft_tree's values and a ``StagedRound``.
+    layout without draft2.  Returns a ``DraftTree`` and a ``StagedRound``.
     """
     bsz, device = seq.shape[0], seq.device
     every = torch.arange(bsz, device=device)
@@ -237,8 +284,10 @@ def draft_tree_staged(draft, draft2, cache, cache2, seq, seq_len, verifier, k, d
     q_levels[:, 0] = q_root.unsqueeze(1)
     if sampling.greedy:
         x[:, :, 0] = greedy_roots(root_logits, k)
+        paths = torch.ones(bsz, k, dtype=torch.bool, device=device)
     else:
-        x[:, :, 0] = random.draw(lambda q, g: verifier.draft(q, k, g), every, q_root)
+        x[:, :, 0] = random.draw(lambda q, g: draft_within_support(verifier, q, k, g), every, q_root)
+        paths = drafts_within_support(verifier, q_root, k)
     filled = torch.ones(bsz, k, dtype=torch.long, device=device)  # [B, k] tokens known
     offsets = torch.zeros(bsz, k, depth, dtype=torch.long, device=device)  # the draft's slot per token
     offsets2 = torch.zeros_like(offsets)  # draft2's
@@ -298,7 +347,8 @@ def draft_tree_staged(draft, draft2, cache, cache2, seq, seq_len, verifier, k, d
         spare.scatter_(2, at.unsqueeze(-1).expand(-1, -1, -1, vocab), q_chain)
         q_levels = spare[:, :, :depth].permute(0, 2, 1, 3)
         filled = filled + torch.minimum(kept + 1, need)
-    return x, q_levels.contiguous(), prefix_groups(x), valid, count, StagedRound(valid2, count2, offsets, offsets2, passes, passes2)
+    tree = DraftTree(x, q_levels.contiguous(), prefix_groups(x), paths, valid, count)
+    return tree, StagedRound(valid2, count2, offsets, offsets2, passes, passes2)
 
 
 # ---- 2. score ------------------------------------------------------------------------------
@@ -329,7 +379,8 @@ def score_tree(target, cache, seq, seq_len, x, canon, sampling):
 # ---- 3. verify -----------------------------------------------------------------------------
 
 
-def walk_tree(verifier, p_levels, q_levels, x, canon, active, random: RequestRandom, stats_reached, stats_accepted, spans=None):
+def walk_tree(verifier, p_levels, q_levels, x, canon, paths, active, random: RequestRandom, stats_reached, stats_accepted,
+              spans=None):
     """Walk each active request's tree from the root; return (emitted [B, D+1], accepted [B],
     path [B, D]): the first accepted[b] + 1 entries of emitted[b] are the round's new tokens,
     path[b, l] the slot of the accepted node at depth l + 1.
@@ -344,7 +395,7 @@ def walk_tree(verifier, p_levels, q_levels, x, canon, active, random: RequestRan
     bsz, k, depth = x.shape
     device = x.device
     slot = torch.arange(k, device=device)  # [k]
-    alive = torch.ones(bsz, k, dtype=torch.bool, device=device)  # sequences through the node
+    alive = paths.clone()  # [B, k] sequences through the node that carry drafts
     node = torch.zeros(bsz, dtype=torch.long, device=device)  # current node's slot at its level
     walking = active.clone()
     accepted = torch.zeros(bsz, dtype=torch.long, device=device)
@@ -376,7 +427,7 @@ def walk_tree(verifier, p_levels, q_levels, x, canon, active, random: RequestRan
         first = torch.where(match, slot, k).amin(dim=1, keepdim=True).clamp(max=k - 1)
         child = canon[rows, level].gather(1, first).squeeze(1)  # [n]
         emitted[rows, level] = token
-        alive[rows] = (canon[rows, level] == child.unsqueeze(1)) & hit.unsqueeze(1)  # paths through the child
+        alive[rows] = (canon[rows, level] == child.unsqueeze(1)) & hit.unsqueeze(1) & paths[rows]  # paths through the child
         node[rows] = torch.where(hit, child, node[rows])
         path[rows, level] = child
         accepted[rows] += hit.long()
@@ -686,15 +737,15 @@ class Engine:
         while request.numel():
             active = ~done
             if self.draft2 is None:
-                x, q_levels, canon, d_valid, d_count = draft_tree(self.draft, draft_cache, seq, seq_len, verifier, k, depth,
-                                                                  sampling, random, self.widths)
+                tree = draft_tree(self.draft, draft_cache, seq, seq_len, verifier, k, depth, sampling, random, self.widths)
                 passes, passes2 = depth, 0
             else:
-                x, q_levels, canon, d_valid, d_count, staged = draft_tree_staged(
-                    self.draft, self.draft2, draft_cache, draft2_cache, seq, seq_len, verifier, k, depth, sampling, random)
+                tree, staged = draft_tree_staged(self.draft, self.draft2, draft_cache, draft2_cache, seq, seq_len, verifier, k,
+                                                 depth, sampling, random)
                 passes, passes2 = staged.passes, staged.passes2
-            p_levels, t_valid, t_count = score_tree(self.target, target_cache, seq, seq_len, x, canon, sampling)
-            emitted, accepted, path = walk_tree(verifier, p_levels, q_levels, x, canon, active, random,
+            x, d_valid, d_count = tree.x, tree.valid, tree.count
+            p_levels, t_valid, t_count = score_tree(self.target, target_cache, seq, seq_len, x, tree.canon, sampling)
+            emitted, accepted, path = walk_tree(verifier, p_levels, tree.q_levels, x, tree.canon, tree.paths, active, random,
                                                 stats.reached_by_depth, stats.accepted_by_depth, spans)
             commit_round(target_cache, t_count, t_valid.shape[1], tree_slots(t_valid.shape[1], path, depth, k), accepted, active)
             if self.draft2 is None:

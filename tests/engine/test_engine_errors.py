@@ -87,3 +87,10 @@ def test_bad_table_and_config():
         TableModel(torch.full((2, 2), 0.3))
     with pytest.raises(ValueError, match="GPTConfig.dim = 30 must be divisible by n_head = 4"):
         GPTConfig(dim=30, n_head=4)
+
+
+def test_a_distinct_scheme_that_needs_more_tokens_than_top_k_leaves():
+    t4 = TableModel.random(4, 2, seed=0)
+    engine = Engine(t4, TableModel.random(4, 2, seed=1), verifier="greedy", num_drafts=2, depth=1)
+    with pytest.raises(ValueError, match="'greedy' needs >= 2 distinct drafts, but a row of q has only 1 tokens"):
+        engine.generate([[1]], max_new_tokens=2, top_k=1, temperature=1.0, seed=0)

@@ -41,6 +41,8 @@ PLAN = [
     ("rrs", 2, 2, {}, 0.3, SAMPLES // 2),  # tables with holes: p or q zero on some tokens
     ("single", 1, 3, {}, 0.0, SAMPLES // 2),
     ("rrs-wor", 2, 2, {}, 0.0, SAMPLES // 2),  # distinct root drafts, one survivor per child
+    # k = 3 distinct drafts but top-k 2 leaves two tokens: the root draws both (fewer drafts)
+    ("rrs-wor", 3, 2, {"top_k": 2}, 0.0, SAMPLES // 2),
 ]
 
 
@@ -58,17 +60,18 @@ def test_sequence_law_matches_target(name, k, depth, sampling, zero_prob, sample
     assert all(0 < a < 1 for a in acc), acc
 
 
-@pytest.mark.parametrize("name,widths", [("spechub", (2, 2)), ("rrs", (3, 1))])
-def test_branching_tree_sequence_law_matches_target(name, widths):
-    """Branching trees: every node draws its own children (spechub, not i.i.d., at depth 2)."""
+@pytest.mark.parametrize("name,widths,sampling", [("spechub", (2, 2), {}), ("rrs", (3, 1), {}), ("rrs-wor", (3, 2), {"top_p": 0.7})])
+def test_branching_tree_sequence_law_matches_target(name, widths, sampling):
+    """Branching trees: every node draws its own children (spechub, not i.i.d., at depth 2;
+    rrs-wor with nodes whose top-p support is below the width, which draw fewer children)."""
     target, draft = models()
     engine = Engine(target, draft, verifier=name, widths=widths, device="cpu")
     prompt = [1, 2]
-    out = run(engine, torch.tensor([prompt]).expand(SAMPLES // 2, -1), seed=4321)
+    out = run(engine, torch.tensor([prompt]).expand(SAMPLES // 2, -1), seed=4321, **sampling)
     counts = np.bincount(encode(out.tokens, VOCAB), minlength=VOCAB**NEW)
-    assert_law(counts, sequence_law(target, prompt, NEW), f"engine {name} widths={widths}")
-    acc = out.stats.acceptance_by_depth
-    assert all(0 < a < 1 for a in acc), acc
+    assert_law(counts, sequence_law(target, prompt, NEW, **sampling), f"engine {name} widths={widths} {sampling}")
+    acc = out.stats.acceptance_by_depth  # (three distinct drafts cover a top-p root: it always accepts)
+    assert all(a > 0 for a in acc) and acc[-1] < 1, acc
 
 
 def test_ragged_batch_each_request_follows_its_law():

@@ -38,8 +38,8 @@ def staged_round(draft, draft2, prompts, k, depth, seed, verifier="rrs", samplin
     cache, cache2 = draft.new_cache(bsz, size), draft2.new_cache(bsz, size)
     out = draft_tree_staged(draft, draft2, cache, cache2, seq, seq_len, get_verifier(verifier), k, depth,
                             sampling, RequestRandom("cpu", seed, bsz))
-    x, q_levels, canon = out[:3]
-    return x, q_levels, canon, out[-1].passes, out[-1].passes2
+    tree, staged = out
+    return tree.x, tree.q_levels, tree.canon, staged.passes, staged.passes2
 
 
 def test_speculate_chain_keeps_a_prefix_and_replaces_the_first_refusal():
@@ -158,7 +158,7 @@ def test_staged_caches_stay_right_across_rounds(monkeypatch):
 
     def checking(draft_model, draft2_model, cache, cache2, seq, seq_len, verifier, k, depth, sampling, random):
         out = real(draft_model, draft2_model, cache, cache2, seq, seq_len, verifier, k, depth, sampling, random)
-        x, q_levels = out[0], out[1]
+        x, q_levels = out[0].x, out[0].q_levels
         for b in range(seq.shape[0]):
             prefix = seq[b, : int(seq_len[b])].tolist()
             for i in range(k):
