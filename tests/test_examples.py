@@ -31,7 +31,8 @@ def test_compare_your_own(capsys):
 def test_shipped_pair(capsys):
     run_example("shipped_pair.py")
     out = capsys.readouterr().out
-    assert out.count("tokens per target pass") == 4 and "target alone" in out
+    assert out.count("tokens per target pass") == 6 and "target alone" in out
+    assert "spechub (widths=(2, 2, 2))" in out and "draft2=bigram" in out
 
 
 def test_transformers_pair(tmp_path, capsys):
