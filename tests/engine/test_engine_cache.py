@@ -36,6 +36,19 @@ def test_commit_moves_only_kept_slots():
     assert cache.k[0, 1, 0, :5, 0].tolist() == [0, 1, 2, 3, 5]
 
 
+def test_keep_rows_drops_finished_requests():
+    cache = KVCache(1, 3, 1, 6, 1, dtype=torch.float64)
+    cache.k[0, :, 0, :, 0] = torch.arange(3, dtype=torch.float64).view(3, 1) * 10 + torch.arange(6)
+    cache.lens[:] = torch.tensor([2, 5, 3])
+    cache.max_committed = 5
+    cache.keep_rows(torch.tensor([2, 0]))
+    assert cache.batch_size == 2 and cache.lens.tolist() == [3, 2] and cache.max_committed == 3
+    assert cache.k[0, :, 0, :3, 0].tolist() == [[20, 21, 22], [0, 1, 2]]
+    cache.advance(1)
+    with pytest.raises(ValueError, match="keep_rows between rounds only: 1 slots of this round are not committed"):
+        cache.keep_rows(torch.tensor([0]))
+
+
 def test_cache_overflow_and_bad_commit_are_errors():
     cache = KVCache(1, 1, 1, 4, 1)
     with pytest.raises(ValueError, match="KV cache overflow: 0 committed \\+ 0 pending \\+ 5 new slots = 5 > max_len = 4"):
