@@ -35,7 +35,7 @@ from ..verifiers.base import Verdict, first_match, sample_categorical, sample_fr
 from .cache import KVCache
 from .models import _check_vocab
 from .sampling import SamplingConfig, logits_to_probs
-from .tree import (attention_mask, branching_canon, pending_rows, pending_tokens, prefix_groups, subtree_spans,
+from .tree import (attention_mask, branching_canon, is_node, pending_rows, pending_tokens, prefix_groups, subtree_spans,
                    tree_positions, tree_rows)
 
 __all__ = ["Engine", "GenerationOutput", "GenerationStats", "autoregressive_generate"]
@@ -354,11 +354,13 @@ def draft_tree_staged(draft, draft2, cache, cache2, seq, seq_len, verifier, k, d
 # ---- 2. score ------------------------------------------------------------------------------
 
 
-def score_tree(target, cache, seq, seq_len, x, canon, sampling):
-    """One target forward over the pending tokens and every tree slot (canon [B, D, k]).
+def score_tree(target, cache, seq, seq_len, x, canon, sampling, nodes: Tensor | None = None):
+    """One target forward over the pending tokens and the tree slots (canon [B, D, k]): all of
+    them, or only ``nodes`` [N] (level-major slot indices l*k + i), the real nodes of a branching
+    tree, whose layout is the same for every request, so its padding can be left out.
 
     Returns p_levels [B, D+1, k, V] (target probs after the root (level 0, slot 0) and after
-    each node at depth l (level l, slot i)) and the pending block.
+    each node at depth l (level l, slot i); left-out slots are never read) and the pending block.
     """
     bsz, k, depth = x.shape
     ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)  # [B, P]
@@ -367,12 +369,18 @@ def score_tree(target, cache, seq, seq_len, x, canon, sampling):
     rows = torch.cat([top, tree_rows(valid, canon)], dim=1)  # [B, P + D*k, P + D*k]
     assert rows.shape[1:] == (width, width)
     tree_ids = x.transpose(1, 2).reshape(bsz, depth * k)  # [B, D*k] level-major, as the slots
-    logits = model_forward(target, cache, torch.cat([ids, tree_ids], 1), torch.cat([pos, tree_positions(seq_len, canon)], 1), rows)
+    tree_pos = tree_positions(seq_len, canon)  # [B, D*k]
+    if nodes is not None:  # keep the pending block and the real nodes, in order
+        keep = torch.cat([torch.arange(valid.shape[1], device=x.device), valid.shape[1] + nodes])
+        rows, tree_ids, tree_pos = rows[:, keep][:, :, keep], tree_ids[:, nodes], tree_pos[:, nodes]
+    logits = model_forward(target, cache, torch.cat([ids, tree_ids], 1), torch.cat([pos, tree_pos], 1), rows)
     vocab = logits.shape[-1]
     last = (count - 1).view(-1, 1, 1).expand(-1, 1, vocab)
     p_root = logits_to_probs(logits.gather(1, last).squeeze(1), sampling)  # [B, V]
-    p_tree = logits_to_probs(logits[:, valid.shape[1] :].reshape(bsz, depth, k, vocab), sampling)
-    p_levels = torch.cat([p_root.view(bsz, 1, 1, vocab).expand(-1, 1, k, -1), p_tree], dim=1)
+    p_nodes = logits_to_probs(logits[:, valid.shape[1] :], sampling)  # [B, D*k or N, V]
+    if nodes is not None:
+        p_nodes = torch.zeros(bsz, depth * k, vocab, dtype=p_nodes.dtype, device=x.device).index_copy_(1, nodes, p_nodes)
+    p_levels = torch.cat([p_root.view(bsz, 1, 1, vocab).expand(-1, 1, k, -1), p_nodes.view(bsz, depth, k, vocab)], dim=1)
     return p_levels, valid, count
 
 
@@ -711,6 +719,8 @@ class Engine:
         random = RequestRandom(device, seed, bsz)
         verifier = _GreedyMatch(validate_args=False) if sampling.greedy else self.verifier
         spans = subtree_spans(self.widths) if self.widths else None
+        # A branching tree's real nodes sit at the same slots in every request: score only those.
+        nodes = is_node(branching_canon(self.widths, 1, device))[0].reshape(-1).nonzero().squeeze(1) if self.widths else None
 
         # Explicit cache setup.  A request below n tokens adds at most depth + 1, so sequences
         # stay within Tmax + n + depth; a forward also needs room for the pending tokens (<= 2
@@ -744,10 +754,15 @@ class Engine:
                                                  depth, sampling, random)
                 passes, passes2 = staged.passes, staged.passes2
             x, d_valid, d_count = tree.x, tree.valid, tree.count
-            p_levels, t_valid, t_count = score_tree(self.target, target_cache, seq, seq_len, x, tree.canon, sampling)
+            p_levels, t_valid, t_count = score_tree(self.target, target_cache, seq, seq_len, x, tree.canon, sampling, nodes)
             emitted, accepted, path = walk_tree(verifier, p_levels, tree.q_levels, x, tree.canon, tree.paths, active, random,
                                                 stats.reached_by_depth, stats.accepted_by_depth, spans)
-            commit_round(target_cache, t_count, t_valid.shape[1], tree_slots(t_valid.shape[1], path, depth, k), accepted, active)
+            target_slots = tree_slots(t_valid.shape[1], path, depth, k)  # [B, D] round-local offsets in the full layout
+            if nodes is not None:  # ... shifted to where the scored nodes sat
+                rank = torch.full((depth * k,), -1, dtype=torch.long, device=device).index_copy_(
+                    0, nodes, torch.arange(nodes.numel(), device=device))
+                target_slots = t_valid.shape[1] + rank[target_slots - t_valid.shape[1]]
+            commit_round(target_cache, t_count, t_valid.shape[1], target_slots, accepted, active)
             if self.draft2 is None:
                 commit_round(draft_cache, d_count, d_valid.shape[1], tree_slots(d_valid.shape[1], path, depth - 1, k), accepted, active)
             else:  # the node at depth l + 1 is its first sequence's token at l, wherever that was fed

@@ -166,6 +166,28 @@ def test_finished_requests_leave_the_batch():
         assert out.lengths[b] == cut and out.tokens[b, :cut].tolist() == ref[:cut], f"request {b}"
 
 
+def test_a_branching_tree_scores_only_its_nodes():
+    """Tree 2-2-2 has 8 paths, so 24 slots, of which 2 + 4 + 8 are nodes: the target pass sees
+    the pending tokens and those 14, and still decodes exactly as plain greedy."""
+    target = gpt(0)
+    widths = []
+
+    class Spy(torch.nn.Module):
+        vocab_size = target.vocab_size
+
+        def new_cache(self, *args, **kwargs):
+            return target.new_cache(*args, **kwargs)
+
+        def forward(self, ids, pos, mask, cache):
+            widths.append(ids.shape[1])
+            return target(ids, pos, mask, cache)
+
+    engine = Engine(Spy(), noisy_copy(target, 0.15, seed=1), verifier="rrs", widths=(2, 2, 2), device="cpu")
+    out = engine.generate(PROMPTS[:1], max_new_tokens=12, temperature=0.0)
+    assert out.tokens[0].tolist() == plain_greedy(target, PROMPTS[0], 12)
+    assert widths[0] == len(PROMPTS[0]) + 14 and all(w <= 2 + 14 for w in widths[1:])
+
+
 def test_zero_new_tokens_and_stats_fields():
     engine = Engine(gpt(0), gpt(1), device="cpu")
     out = engine.generate(PROMPTS, max_new_tokens=0)
