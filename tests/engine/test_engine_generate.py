@@ -32,6 +32,21 @@ def noisy_copy(model, scale, seed):
 PROMPTS = [[3, 1, 4, 1, 5], [9], [2, 6, 5, 3, 5, 8, 9, 7], [0, 0]]
 
 
+class Recording(torch.nn.Module):
+    """``model`` behind the engine's protocol, recording the shape [B, T] of every forward's ids."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.vocab_size, self.shapes = model, model.vocab_size, []
+
+    def new_cache(self, *args, **kwargs):
+        return self.model.new_cache(*args, **kwargs)
+
+    def forward(self, ids, pos, mask, cache):
+        self.shapes.append(tuple(ids.shape))
+        return self.model(ids, pos, mask, cache)
+
+
 SHAPES = [("rrs", dict(num_drafts=2, depth=3)), ("single", dict(num_drafts=1, depth=4)), ("rrs-wor", dict(num_drafts=3, depth=2)),
           ("spechub", dict(num_drafts=2, depth=1)), ("spechub", dict(widths=(2, 2, 2))), ("rrs", dict(widths=(3, 2, 1)))]
 
@@ -144,22 +159,12 @@ def test_finished_requests_leave_the_batch():
     """A request stopped by eos leaves the batch: later target passes run on fewer rows, and the
     others still decode exactly as plain greedy."""
     target = gpt(0)
-    sizes = []
-
-    class Spy(torch.nn.Module):
-        vocab_size = target.vocab_size
-
-        def new_cache(self, *args, **kwargs):
-            return target.new_cache(*args, **kwargs)
-
-        def forward(self, ids, pos, mask, cache):
-            sizes.append(ids.shape[0])
-            return target(ids, pos, mask, cache)
-
-    engine = Engine(Spy(), noisy_copy(target, 0.1, seed=1), verifier="rrs", num_drafts=2, depth=2, device="cpu")
+    spy = Recording(target)
+    engine = Engine(spy, noisy_copy(target, 0.1, seed=1), verifier="rrs", num_drafts=2, depth=2, device="cpu")
     refs = [plain_greedy(target, prompt, 12) for prompt in PROMPTS]
     eos = refs[0][1]  # request 0 stops after two tokens
     out = engine.generate(PROMPTS, max_new_tokens=12, temperature=0.0, eos_token_id=eos)
+    sizes = [shape[0] for shape in spy.shapes]
     assert sizes[0] == len(PROMPTS) and sizes == sorted(sizes, reverse=True) and sizes[-1] < len(PROMPTS)
     for b, ref in enumerate(refs):
         cut = ref.index(eos) + 1 if eos in ref else 12
@@ -170,21 +175,11 @@ def test_a_branching_tree_scores_only_its_nodes():
     """Tree 2-2-2 has 8 paths, so 24 slots, of which 2 + 4 + 8 are nodes: the target pass sees
     the pending tokens and those 14, and still decodes exactly as plain greedy."""
     target = gpt(0)
-    widths = []
-
-    class Spy(torch.nn.Module):
-        vocab_size = target.vocab_size
-
-        def new_cache(self, *args, **kwargs):
-            return target.new_cache(*args, **kwargs)
-
-        def forward(self, ids, pos, mask, cache):
-            widths.append(ids.shape[1])
-            return target(ids, pos, mask, cache)
-
-    engine = Engine(Spy(), noisy_copy(target, 0.15, seed=1), verifier="rrs", widths=(2, 2, 2), device="cpu")
+    spy = Recording(target)
+    engine = Engine(spy, noisy_copy(target, 0.15, seed=1), verifier="rrs", widths=(2, 2, 2), device="cpu")
     out = engine.generate(PROMPTS[:1], max_new_tokens=12, temperature=0.0)
     assert out.tokens[0].tolist() == plain_greedy(target, PROMPTS[0], 12)
+    widths = [shape[1] for shape in spy.shapes]
     assert widths[0] == len(PROMPTS[0]) + 14 and all(w <= 2 + 14 for w in widths[1:])
 
 
