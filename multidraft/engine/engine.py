@@ -35,8 +35,8 @@ from ..verifiers.base import Verdict, first_match, sample_categorical, sample_fr
 from .cache import KVCache
 from .models import _check_vocab
 from .sampling import SamplingConfig, logits_to_probs
-from .tree import (attention_mask, branching_canon, is_node, pending_rows, pending_tokens, prefix_groups, subtree_spans,
-                   tree_positions, tree_rows)
+from .tree import (attention_mask, branching_canon, branching_nodes, pending_rows, pending_tokens, prefix_groups,
+                   subtree_spans, tree_positions, tree_rows)
 
 __all__ = ["Engine", "GenerationOutput", "GenerationStats", "autoregressive_generate"]
 
@@ -167,22 +167,31 @@ def draft_tree(draft, cache, seq, seq_len, verifier, k, depth, sampling, random:
     x = [first]  # D tensors [B, k]
     q_levels = [q_root.expand(-1, k, -1)]  # D tensors [B, k, V]
     for level in range(1, depth):
-        canon = shape_canon[:, :level] if widths else prefix_groups(torch.stack(x, dim=2))  # [B, level, k]
-        rows = tree_rows(valid, canon)[:, (level - 1) * k :]  # [B, k, P + level*k]
-        pos = tree_positions(seq_len, canon)[:, (level - 1) * k :]  # [B, k]
-        logits = model_forward(draft, cache, x[-1], pos, rows)  # [B, k, V]
-        q_nodes = logits_to_probs(logits, sampling)  # [B, k, V] (padding slots: unused)
-        node = canon[:, -1].unsqueeze(-1).expand_as(q_nodes)  # [B, k, V] each slot's node
-        q_seq = q_nodes.gather(1, node)  # [B, k, V]
-        if widths:  # every node draws its own children; node n's first path is slot n
-            heads = slice(None, None, spans[level - 1])
-            new, real = children(logits[:, heads], q_nodes[:, heads], widths[level])
+        if widths:  # feed this depth's nodes only (slots 0, span, 2 span, ...), not the padding
+            canon = shape_canon[:, :level]  # [B, level, k]
+            heads = torch.arange(0, k, spans[level - 1], device=seq.device)  # [n] the nodes' slots
+            cols = torch.cat([torch.arange(valid.shape[1], device=seq.device),
+                              valid.shape[1] + branching_nodes(widths, level, seq.device)])  # what the draft holds
+            rows = tree_rows(valid, canon)[:, (level - 1) * k + heads][:, :, cols]  # [B, n, P + nodes so far]
+            pos = tree_positions(seq_len, canon)[:, (level - 1) * k + heads]  # [B, n]
+            logits = model_forward(draft, cache, x[-1][:, heads], pos, rows)  # [B, n, V]
+            q_nodes = logits_to_probs(logits, sampling)  # [B, n, V]
+            q_seq = q_nodes.repeat_interleave(spans[level - 1], dim=1)  # [B, k, V] each path's node
+            new, real = children(logits, q_nodes, widths[level])  # every node draws its own children
             new = new.repeat_interleave(spans[level], dim=1)
             paths = paths & real.repeat_interleave(spans[level], dim=1)  # a spare child's subtree carries no drafts
-        elif sampling.greedy:  # each sequence continues greedily (q is one-hot at the argmax)
-            new = q_seq.argmax(dim=-1)
-        else:  # each sequence samples its next token from q at its node
-            new = random.draw(lambda q, g: sample_categorical(q.reshape(-1, vocab), 1, g).view(-1, k), every, q_seq)
+        else:
+            canon = prefix_groups(torch.stack(x, dim=2))  # [B, level, k]
+            rows = tree_rows(valid, canon)[:, (level - 1) * k :]  # [B, k, P + level*k]
+            pos = tree_positions(seq_len, canon)[:, (level - 1) * k :]  # [B, k]
+            logits = model_forward(draft, cache, x[-1], pos, rows)  # [B, k, V]
+            q_nodes = logits_to_probs(logits, sampling)  # [B, k, V] (duplicate slots: unused)
+            node = canon[:, -1].unsqueeze(-1).expand_as(q_nodes)  # [B, k, V] each slot's node
+            q_seq = q_nodes.gather(1, node)  # [B, k, V]
+            if sampling.greedy:  # each sequence continues greedily (q is one-hot at the argmax)
+                new = q_seq.argmax(dim=-1)
+            else:  # each sequence samples its next token from q at its node
+                new = random.draw(lambda q, g: sample_categorical(q.reshape(-1, vocab), 1, g).view(-1, k), every, q_seq)
         x.append(new)
         q_levels.append(q_seq)
     x = torch.stack(x, dim=2)  # [B, k, D]
@@ -459,6 +468,17 @@ def tree_slots(pending_width: int, path: Tensor, levels: int, k: int) -> Tensor:
     return depth_offset + path[:, :levels]
 
 
+def fed_slots(pending_width: int, path: Tensor, levels: int, k: int, nodes: Tensor | None) -> Tensor:
+    """``tree_slots``, for a model that was fed only the slots ``nodes`` (level-major, in order)
+    after its pending block: each accepted node's offset is where it sat among those."""
+    slots = tree_slots(pending_width, path, levels, k)  # [B, levels]
+    if nodes is None:
+        return slots
+    rank = torch.zeros(int(nodes.max()) + 1, dtype=torch.long, device=path.device)
+    rank[nodes] = torch.arange(nodes.numel(), device=path.device)
+    return pending_width + rank[slots - pending_width]
+
+
 def commit_round(cache, pending_count, pending_width, node_slots, accepted, active):
     """Keep the pending tokens and the accepted nodes a model has K/V for; drop the rest.
 
@@ -719,8 +739,9 @@ class Engine:
         random = RequestRandom(device, seed, bsz)
         verifier = _GreedyMatch(validate_args=False) if sampling.greedy else self.verifier
         spans = subtree_spans(self.widths) if self.widths else None
-        # A branching tree's real nodes sit at the same slots in every request: score only those.
-        nodes = is_node(branching_canon(self.widths, 1, device))[0].reshape(-1).nonzero().squeeze(1) if self.widths else None
+        # A branching tree's real nodes sit at the same slots in every request: both models run
+        # on those only, and the commits map the accepted nodes to where they were fed.
+        nodes = branching_nodes(self.widths, device=device) if self.widths else None
 
         # Explicit cache setup.  A request below n tokens adds at most depth + 1, so sequences
         # stay within Tmax + n + depth; a forward also needs room for the pending tokens (<= 2
@@ -757,14 +778,10 @@ class Engine:
             p_levels, t_valid, t_count = score_tree(self.target, target_cache, seq, seq_len, x, tree.canon, sampling, nodes)
             emitted, accepted, path = walk_tree(verifier, p_levels, tree.q_levels, x, tree.canon, tree.paths, active, random,
                                                 stats.reached_by_depth, stats.accepted_by_depth, spans)
-            target_slots = tree_slots(t_valid.shape[1], path, depth, k)  # [B, D] round-local offsets in the full layout
-            if nodes is not None:  # ... shifted to where the scored nodes sat
-                rank = torch.full((depth * k,), -1, dtype=torch.long, device=device).index_copy_(
-                    0, nodes, torch.arange(nodes.numel(), device=device))
-                target_slots = t_valid.shape[1] + rank[target_slots - t_valid.shape[1]]
-            commit_round(target_cache, t_count, t_valid.shape[1], target_slots, accepted, active)
+            commit_round(target_cache, t_count, t_valid.shape[1], fed_slots(t_valid.shape[1], path, depth, k, nodes), accepted, active)
             if self.draft2 is None:
-                commit_round(draft_cache, d_count, d_valid.shape[1], tree_slots(d_valid.shape[1], path, depth - 1, k), accepted, active)
+                commit_round(draft_cache, d_count, d_valid.shape[1], fed_slots(d_valid.shape[1], path, depth - 1, k, nodes),
+                             accepted, active)
             else:  # the node at depth l + 1 is its first sequence's token at l, wherever that was fed
                 on_path = path[:, : depth - 1].unsqueeze(1)  # [B, 1, D-1]
                 commit_round(draft_cache, d_count, d_valid.shape[1], staged.offsets.gather(1, on_path).squeeze(1), accepted, active)

@@ -142,3 +142,10 @@ def branching_canon(widths: tuple[int, ...], batch: int, device) -> Tensor:
     seq = torch.arange(k, device=device)
     canon = torch.stack([seq - seq % span for span in spans])  # [D, k]
     return canon.unsqueeze(0).expand(batch, -1, -1)
+
+
+def branching_nodes(widths: tuple[int, ...], levels: int | None = None, device=None) -> Tensor:
+    """The real nodes' slots of a branching tree, level-major (l*k + i), over its first
+    ``levels`` depths (all by default): the same for every request, so passes can skip padding."""
+    nodes = is_node(branching_canon(widths, 1, device))[0]  # [D, k]
+    return nodes[:levels].reshape(-1).nonzero().squeeze(1)

@@ -171,16 +171,20 @@ def test_finished_requests_leave_the_batch():
         assert out.lengths[b] == cut and out.tokens[b, :cut].tolist() == ref[:cut], f"request {b}"
 
 
-def test_a_branching_tree_scores_only_its_nodes():
+def test_a_branching_tree_runs_only_its_nodes():
     """Tree 2-2-2 has 8 paths, so 24 slots, of which 2 + 4 + 8 are nodes: the target pass sees
-    the pending tokens and those 14, and still decodes exactly as plain greedy."""
+    the pending tokens and those 14, the draft the nodes of each depth, and the output is still
+    exactly plain greedy's."""
     target = gpt(0)
-    spy = Recording(target)
-    engine = Engine(spy, noisy_copy(target, 0.15, seed=1), verifier="rrs", widths=(2, 2, 2), device="cpu")
+    spy, draft = Recording(target), Recording(noisy_copy(target, 0.15, seed=1))
+    engine = Engine(spy, draft, verifier="rrs", widths=(2, 2, 2), device="cpu")
     out = engine.generate(PROMPTS[:1], max_new_tokens=12, temperature=0.0)
     assert out.tokens[0].tolist() == plain_greedy(target, PROMPTS[0], 12)
     widths = [shape[1] for shape in spy.shapes]
     assert widths[0] == len(PROMPTS[0]) + 14 and all(w <= 2 + 14 for w in widths[1:])
+    # The draft runs the pending tokens, then the 2 nodes of depth 1 and the 4 of depth 2.
+    fed = [shape[1] for shape in draft.shapes]
+    assert fed[1:3] == [2, 4] and fed[4:6] == [2, 4]
 
 
 def test_zero_new_tokens_and_stats_fields():
