@@ -116,10 +116,9 @@ def draft_within_support(verifier: Verifier, q: Tensor, width: int, generator) -
 
 def drafts_within_support(verifier: Verifier, q: Tensor, width: int) -> Tensor:
     """[n, width]: True for the columns of ``draft_within_support`` that are real drafts."""
-    columns = torch.arange(width, device=q.device)
     if not verifier.distinct_drafts:
         return torch.ones(q.shape[0], width, dtype=torch.bool, device=q.device)
-    return columns < (q > 0).sum(dim=-1, keepdim=True)
+    return torch.arange(width, device=q.device) < (q > 0).sum(dim=-1, keepdim=True)
 
 
 class DraftTree(NamedTuple):
@@ -205,7 +204,7 @@ def draft_tree(draft, cache, seq, seq_len, verifier, k, depth, sampling, random:
 def chain_rows(valid: Tensor, offsets: Tensor, depth_index: Tensor, real: Tensor, used: int) -> Tensor:
     """Round-local mask rows [B, k*T, used + k*T] for T new tokens per sequence.
 
-    valid [B, P] the pending block; offsets [B, k, D] the round-local slot of each sequence's
+    valid [B, P] the pending block; offsets [B, k, >= D] the round-local slot of each sequence's
     token at each depth, already set for the new tokens; depth_index [B, k, T] each new token's
     depth; real [B, k, T] False for padding.  A real token sees the valid pending tokens and its
     own sequence's tokens at depths <= its own; padding sees only itself.
@@ -254,8 +253,8 @@ class StagedRound(NamedTuple):
 
     valid2: Tensor  # [B, P2] draft2's pending block
     count2: Tensor  # [B]
-    offsets: Tensor  # [B, k, D] round-local slot of the draft's K/V for each sequence's token at each depth
-    offsets2: Tensor  # [B, k, D] the same for draft2
+    offsets: Tensor  # [B, k, D+1] round-local slot of the draft's K/V for each path's token at each depth (last: spare)
+    offsets2: Tensor  # [B, k, D+1] the same for draft2
     passes: int  # draft forwards
     passes2: int  # draft2 forwards
 
@@ -288,9 +287,10 @@ def draft_tree_staged(draft, draft2, cache, cache2, seq, seq_len, verifier, k, d
     model_forward(draft2, cache2, ids2, pos2, pending_rows(valid2))
     passes, passes2 = 1, 1
 
-    x = torch.zeros(bsz, k, depth, dtype=torch.long, device=device)  # [B, k, D]
-    q_levels = torch.zeros(bsz, depth, k, vocab, dtype=q_root.dtype, device=device)  # [B, D, k, V]
-    q_levels[:, 0] = q_root.unsqueeze(1)
+    # Per path and depth, with a spare last depth column that absorbs the writes past a chain.
+    x = torch.zeros(bsz, k, depth + 1, dtype=torch.long, device=device)  # [B, k, D+1] tokens
+    q_paths = torch.zeros(bsz, k, depth + 1, vocab, dtype=q_root.dtype, device=device)  # [B, k, D+1, V] q before each token
+    q_paths[:, :, 0] = q_root.unsqueeze(1)
     if sampling.greedy:
         x[:, :, 0] = greedy_roots(root_logits, k)
         paths = torch.ones(bsz, k, dtype=torch.bool, device=device)
@@ -298,7 +298,7 @@ def draft_tree_staged(draft, draft2, cache, cache2, seq, seq_len, verifier, k, d
         x[:, :, 0] = random.draw(lambda q, g: draft_within_support(verifier, q, k, g), every, q_root)
         paths = drafts_within_support(verifier, q_root, k)
     filled = torch.ones(bsz, k, dtype=torch.long, device=device)  # [B, k] tokens known
-    offsets = torch.zeros(bsz, k, depth, dtype=torch.long, device=device)  # the draft's slot per token
+    offsets = torch.zeros(bsz, k, depth + 1, dtype=torch.long, device=device)  # the draft's slot per token
     offsets2 = torch.zeros_like(offsets)  # draft2's
     level_pos = seq_len.view(bsz, 1, 1) + torch.arange(depth, device=device)  # [B, 1, D] position by depth
 
@@ -306,9 +306,8 @@ def draft_tree_staged(draft, draft2, cache, cache2, seq, seq_len, verifier, k, d
         """One forward of tokens [B, k, T] at depths depth_index [B, k, T]; logits [B, k, T, V]."""
         t = tokens.shape[2]
         slots = model_cache.used + torch.arange(k * t, device=device).view(1, k, t)  # [1, k, T]
-        at = torch.where(real, depth_index, depth)  # padding writes to a spare depth column
-        wide = torch.cat([model_offsets, torch.zeros_like(model_offsets[..., :1])], dim=2)  # [B, k, D + 1]
-        model_offsets.copy_(wide.scatter(2, at, slots.expand(bsz, -1, -1))[..., :depth])
+        at = torch.where(real, depth_index, depth)  # padding writes to the spare depth column
+        model_offsets.scatter_(2, at, slots.expand(bsz, -1, -1))
         rows = chain_rows(model_valid, model_offsets, depth_index, real, model_cache.used)
         pos = torch.where(real, level_pos.expand(-1, k, -1).gather(2, depth_index.clamp(max=depth - 1)), 0)
         out = model_forward(model, model_cache, tokens.reshape(bsz, k * t), pos.reshape(bsz, k * t), rows)
@@ -349,14 +348,12 @@ def draft_tree_staged(draft, draft2, cache, cache2, seq, seq_len, verifier, k, d
         new_tokens = torch.where(steps < kept.unsqueeze(-1), proposals, fix.unsqueeze(-1))  # [B, k, T]
         write = steps <= kept.unsqueeze(-1)  # kept proposals and the replacement ...
         write &= real  # ... within the chain (all kept: no replacement)
-        at = torch.where(write, filled.unsqueeze(-1) + steps, depth)  # depth: a spare column
-        x = torch.cat([x, torch.zeros_like(x[..., :1])], dim=2).scatter(2, at, new_tokens)[..., :depth]
-        q_new = q_levels.permute(0, 2, 1, 3)  # [B, k, D, V] view
-        spare = torch.cat([q_new, torch.zeros_like(q_new[:, :, :1])], dim=2)
-        spare.scatter_(2, at.unsqueeze(-1).expand(-1, -1, -1, vocab), q_chain)
-        q_levels = spare[:, :, :depth].permute(0, 2, 1, 3)
+        at = torch.where(write, filled.unsqueeze(-1) + steps, depth)  # depth: the spare column
+        x.scatter_(2, at, new_tokens)
+        q_paths.scatter_(2, at.unsqueeze(-1).expand(-1, -1, -1, vocab), q_chain)
         filled = filled + torch.minimum(kept + 1, need)
-    tree = DraftTree(x, q_levels.contiguous(), prefix_groups(x), paths, valid, count)
+    x = x[..., :depth]
+    tree = DraftTree(x, q_paths[:, :, :depth].transpose(1, 2).contiguous(), prefix_groups(x), paths, valid, count)
     return tree, StagedRound(valid2, count2, offsets, offsets2, passes, passes2)
 
 
@@ -730,7 +727,6 @@ class Engine:
         sampling = SamplingConfig(temperature, top_k, top_p)
         device, k, depth, n = self.device, self.num_drafts, self.depth, max_new_tokens
         prompts, prompt_len = prepare_prompts(prompt_ids, self.vocab_size, device)  # [B, T], [B]
-        prompt_lengths = prompt_len
         bsz = prompts.shape[0]
         stats = GenerationStats(reached_by_depth=[0] * depth, accepted_by_depth=[0] * depth)
         if n == 0:
@@ -745,9 +741,8 @@ class Engine:
 
         # Explicit cache setup.  A request below n tokens adds at most depth + 1, so sequences
         # stay within Tmax + n + depth; a forward also needs room for the pending tokens (<= 2
-        # after the first round) and the depth * k tree slots.  Staged drafting: the drafts
-        # commit only their pending tokens (<= depth + 1) and write at most k (depth - 1) slots
-        # in each of at most depth - 1 speculation steps.
+        # after the first round) and the depth * k tree slots.  Staged drafting writes at most
+        # k (depth - 1) slots in each of at most depth - 1 speculation steps.
         t_max = prompts.shape[1]
         max_len = t_max + n + depth + 2 + depth * k
         staged_len = t_max + n + 2 * depth + 3 + k * depth * depth
@@ -757,7 +752,6 @@ class Engine:
         seq = torch.zeros(bsz, t_max + n + depth + 2, dtype=torch.long, device=device)  # last column: trash
         seq[:, :t_max] = prompts
         seq_len = prompt_len.clone()  # [B]
-        done = torch.zeros(bsz, dtype=torch.bool, device=device)
         emitted_per_request = torch.zeros(bsz, dtype=torch.long, device=device)  # [B]
         rounds_per_request = torch.zeros(bsz, dtype=torch.long, device=device)  # [B]
 
@@ -766,7 +760,8 @@ class Engine:
         request = torch.arange(bsz, device=device)
         result = seq.clone()
         while request.numel():
-            active = ~done
+            active = torch.ones(request.numel(), dtype=torch.bool, device=device)  # the batch holds unfinished requests only
+            row_prompt_len = prompt_len[request]  # [rows]
             if self.draft2 is None:
                 tree = draft_tree(self.draft, draft_cache, seq, seq_len, verifier, k, depth, sampling, random, self.widths)
                 passes, passes2 = depth, 0
@@ -786,12 +781,12 @@ class Engine:
                 on_path = path[:, : depth - 1].unsqueeze(1)  # [B, 1, D-1]
                 commit_round(draft_cache, d_count, d_valid.shape[1], staged.offsets.gather(1, on_path).squeeze(1), accepted, active)
                 commit_round(draft2_cache, staged.count2, staged.valid2.shape[1], staged.offsets2.gather(1, on_path).squeeze(1), accepted, active)
-            generated_before = seq_len - prompt_len
+            generated_before = seq_len - row_prompt_len
             new = append_tokens(seq, seq_len, emitted, accepted, active)  # [B, D+1]
+            done = seq_len - row_prompt_len >= n
             if eos_token_id is not None:
                 within = generated_before.unsqueeze(1) + torch.arange(depth + 1, device=device) < n
                 done |= (new & within & (emitted == eos_token_id)).any(dim=1)
-            done |= seq_len - prompt_len >= n
             stats.rounds += 1
             stats.target_passes += 1
             stats.draft_passes += passes
@@ -801,14 +796,13 @@ class Engine:
             if bool(done.any()):
                 result[request[done]] = seq[done]
                 stay = (~done).nonzero().squeeze(1)
-                request, seq, seq_len, prompt_len, done = request[stay], seq[stay], seq_len[stay], prompt_len[stay], done[stay]
+                request, seq, seq_len = request[stay], seq[stay], seq_len[stay]
                 for cache in (target_cache, draft_cache, draft2_cache):
                     if cache is not None:
                         cache.keep_rows(stay)
                 random.keep(stay)
 
         # The first n new tokens of each request; cut after an eos.
-        prompt_len = prompt_lengths
         j = torch.arange(n, device=device).unsqueeze(0)  # [1, n]
         tokens = result.gather(1, (prompt_len.unsqueeze(1) + j).clamp(max=result.shape[1] - 1))  # [B, n]
         lengths = torch.full((bsz,), n, dtype=torch.long, device=device)
