@@ -25,6 +25,13 @@ from .enumeration import as_distribution, draft_law
 MAX_SUBSET_VOCAB = 20
 
 
+def ratio_order(p: Tensor, q: Tensor) -> Tensor:
+    """Token order [..., V] by ascending p/q, tokens with q = 0 last: the order whose prefixes
+    hold a worst set T (below)."""
+    ratio = torch.where(q > 0, p / torch.where(q > 0, q, torch.ones_like(q)), torch.full_like(p, float("inf")))
+    return ratio.argsort(dim=-1)
+
+
 def optimal_acceptance_iid(p: Tensor, q: Tensor, k: int) -> Tensor:
     """1 - max_T [q(T)**k - p(T)] for rows p, q [..., V]: [...].
 
@@ -34,8 +41,7 @@ def optimal_acceptance_iid(p: Tensor, q: Tensor, k: int) -> Tensor:
     prefixes of the tokens sorted by p/q: one sort, two cumsums.  Tokens with q = 0 sort last
     (they only add p(T)).
     """
-    ratio = torch.where(q > 0, p / torch.where(q > 0, q, torch.ones_like(q)), torch.full_like(p, float("inf")))
-    order = ratio.argsort(dim=-1)  # [..., V]
+    order = ratio_order(p, q)  # [..., V]
     q_prefix = q.gather(-1, order).cumsum(dim=-1)  # [..., V]
     p_prefix = p.gather(-1, order).cumsum(dim=-1)
     gap = (q_prefix.clamp(max=1) ** k - p_prefix).amax(dim=-1).clamp(min=0)  # empty T gives 0
@@ -105,8 +111,7 @@ def optimal_acceptance_wor(p: Tensor, q: Tensor, k: int) -> float:
     rang by t) dt``, computed by exp-sinh quadrature for all prefixes at once.  O(N V k) for
     N ~ 290 nodes; absolute error about 1e-13.
     """
-    ratio = torch.where(q > 0, p / torch.where(q > 0, q, torch.ones_like(q)), torch.full_like(p, float("inf")))
-    order = ratio.argsort()
+    order = ratio_order(p, q)
     ps, qs = p[order], q[order]
     outside = torch.cat([qs.flip(0).cumsum(0).flip(0)[1:], qs.new_zeros(1)])  # [V] s: q-mass after prefix i
     t, w = exp_sinh_nodes()
@@ -132,16 +137,14 @@ def optimal_acceptance(p, q, k: int, replacement: bool = True):
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
-    if replacement:
-        p_t = torch.as_tensor(p, dtype=torch.float64)
-        q_t = torch.as_tensor(q, dtype=torch.float64)
-        if p_t.shape != q_t.shape:
-            raise ValueError(f"p and q must have the same shape, got {tuple(p_t.shape)} and {tuple(q_t.shape)}")
-        value = optimal_acceptance_iid(p_t, q_t, k)
-        return float(value) if value.dim() == 0 else value
-    p_t, q_t = as_distribution("p", p), as_distribution("q", q)
+    p_t = torch.as_tensor(p, dtype=torch.float64)
+    q_t = torch.as_tensor(q, dtype=torch.float64)
     if p_t.shape != q_t.shape:
         raise ValueError(f"p and q must have the same shape, got {tuple(p_t.shape)} and {tuple(q_t.shape)}")
+    if replacement:
+        value = optimal_acceptance_iid(p_t, q_t, k)
+        return float(value) if value.dim() == 0 else value
+    p_t, q_t = as_distribution("p", p_t), as_distribution("q", q_t)
     support = int((q_t > 0).sum())
     if k > support:
         raise ValueError(f"k = {k} drafts without replacement need k tokens with q > 0; q has {support}")
