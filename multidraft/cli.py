@@ -139,9 +139,7 @@ def cmd_generate(args) -> int:
     if args.draft2 == "bigram":
         from .engine.pretrained import load_ngram
 
-        draft2 = load_ngram(2)
-        if draft2.vocab_size != draft.vocab_size:
-            raise ValueError(f"--draft2 bigram is the shipped pair's byte bigram (V = 256); this draft has V = {draft.vocab_size}")
+        draft2 = load_ngram(2)  # the Engine refuses it, naming both vocabularies, beside a draft of another V
     elif args.draft2 is not None:
         draft2 = HFModel.from_pretrained(args.draft2)
     engine = Engine(target, draft, verifier=args.verifier, num_drafts=args.num_drafts, depth=args.depth, device=args.device,

@@ -205,11 +205,11 @@ def run_engine(config: CompareConfig, pair: ModelPair, progress: Progress) -> li
     if len({len(p) for p in prompts}) > 1:  # ragged prompt lines: keep each one's last tokens
         shortest = min(len(p) for p in prompts)
         prompts = [p[-shortest:] for p in prompts]
+    shapes = [(dict(num_drafts=k, depth=depth), k, depth, None) for k, depth in config.tree_shapes]
+    shapes += [(dict(widths=tuple(w)), w[0], len(w), list(w)) for w in config.tree_widths]
     rows = []
     for temperature in config.temperatures:
         for name in config.verifiers:
-            shapes = [(dict(num_drafts=k, depth=depth), k, depth, None) for k, depth in config.tree_shapes]
-            shapes += [(dict(widths=tuple(w)), w[0], len(w), list(w)) for w in config.tree_widths]
             for shape, k, depth, widths in shapes:
                 try:
                     verifier = make_verifier(config, name)
