@@ -13,6 +13,7 @@ import torch
 import multidraft as md
 from multidraft.proofs.cases import CASES
 from multidraft.proofs.enumeration import all_tuples
+from multidraft.verifiers.optimal_cpu import join_lengths
 from multidraft.verifiers.optimal import (
     _join_lengths,
     optimal_plan,
@@ -58,22 +59,28 @@ def _llm_like(batch: int, vocab: int, seed: int, noise: float, scale: float):
     return p, q
 
 
+# The plan runs fused (numba, the CPU default) or as tensor ops (other devices): test both.
+PLANS = [pytest.param(True, id="fused"), pytest.param(False, id="tensor")]
+
+
+@pytest.mark.parametrize("fused", PLANS)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_acceptance_is_optimal_on_corner_cases(case, k):
+def test_acceptance_is_optimal_on_corner_cases(case, k, fused):
     p, q = CASES[case]
     if p.shape[0] ** k > MAX_TUPLES:
         pytest.skip("too many tuples to enumerate")
-    verifier = md.get_verifier("optimal")
+    verifier = md.get_verifier("optimal", fused=fused)
     rate = md.proofs.acceptance_rate(verifier, p, q, k)
     assert rate == pytest.approx(md.proofs.optimal_acceptance(p, q, k), abs=OPTIMAL_TOL)
     out = md.proofs.output_distribution(verifier, p, q, k)
     torch.testing.assert_close(out, p, rtol=0, atol=EXACT_TOL)
 
 
-def test_random_small_cases_are_exact_and_optimal():
+@pytest.mark.parametrize("fused", PLANS)
+def test_random_small_cases_are_exact_and_optimal(fused):
     g = torch.Generator().manual_seed(2024)
-    verifier = md.get_verifier("optimal")
+    verifier = md.get_verifier("optimal", fused=fused)
     for trial in range(200):
         p, q, k = _random_case(g, trial % 4)
         out = md.proofs.output_distribution(verifier, p, q, k)
@@ -128,8 +135,9 @@ def test_race_marginal_is_the_winner_law_for_any_scales(seed):
     torch.testing.assert_close(s, enumerated, rtol=0, atol=1e-14)
 
 
+@pytest.mark.parametrize("solver", ["tensor", "fused-cold", "fused-warm"])
 @pytest.mark.parametrize("k", [3, 4, 8, 16])
-def test_join_solver_finds_the_largest_root(k):
+def test_join_solver_finds_the_largest_root(k, solver):
     g = torch.Generator().manual_seed(k)
     n = 2000
     base = torch.rand(n, generator=g, dtype=torch.float64) * 0.9 + 0.05
@@ -138,17 +146,22 @@ def test_join_solver_finds_the_largest_root(k):
     mean_slope = sum((base + root) ** j * base ** (k - 1 - j) for j in range(k))
     sigma = mean_slope * (1 - torch.rand(n, generator=g, dtype=torch.float64) ** 0.3 * 0.999)  # up to near-double
     deficit = root * (mean_slope - sigma)  # = (base + root)^k - base^k - sigma root
-    keep = torch.ones(n, dtype=torch.bool)
     group = root + torch.rand(n, generator=g, dtype=torch.float64) * (1 - base - root)
-    found = _join_lengths(base[keep], sigma[keep], deficit[keep], group[keep], k)
-    torch.testing.assert_close(found, root[keep], rtol=1e-9, atol=0)
+    if solver == "tensor":
+        found = _join_lengths(base, sigma, deficit, group, k)
+    else:  # the fused solver starts from the smallest of its bounds and a caller's upper bound
+        start = group if solver == "fused-cold" else root + (group - root) * torch.rand(n, generator=g, dtype=torch.float64) ** 3
+        found = torch.empty_like(root)
+        join_lengths(*(x.numpy() for x in (base, sigma, deficit, group, start)), k, found.numpy())
+    torch.testing.assert_close(found, root, rtol=1e-9, atol=0)
 
 
+@pytest.mark.parametrize("fused", PLANS)
 @pytest.mark.parametrize("k", [2, 3, 4, 8, 16])
 @pytest.mark.parametrize("noise,scale", [(0.3, 3.0), (1.0, 1.0), (1.0, 3.0), (3.0, 3.0)])
-def test_large_vocabulary_reaches_the_bound(k, noise, scale):
+def test_large_vocabulary_reaches_the_bound(k, noise, scale, fused):
     p, q = _llm_like(4, 32_000, seed=10 * k + int(noise * 3), noise=noise, scale=scale)
-    plan = optimal_plan(p, q, k)
+    plan = optimal_plan(p, q, k, fused)
     s = plan.marginal
     assert bool((s >= 0).all())
     torch.testing.assert_close(s.sum(dim=-1), torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-10)
@@ -156,14 +169,40 @@ def test_large_vocabulary_reaches_the_bound(k, noise, scale):
     torch.testing.assert_close(accept, md.proofs.optimal_acceptance(p, q, k), rtol=0, atol=OPTIMAL_TOL)
 
 
-def test_batch_rows_are_independent():
+@pytest.mark.parametrize("fused", PLANS)
+def test_batch_rows_are_independent(fused):
     p, q = _llm_like(5, 300, seed=1, noise=1.0, scale=2.0)
     p[2], q[2] = CASES["v6-tied-ratios"][0].repeat(50) / 50, CASES["v6-tied-ratios"][1].repeat(50) / 50
-    plan = optimal_plan(p, q, 3)
+    plan = optimal_plan(p, q, 3, fused)
     for b in range(5):
-        one = optimal_plan(p[b : b + 1], q[b : b + 1], 3)
+        one = optimal_plan(p[b : b + 1], q[b : b + 1], 3, fused)
         torch.testing.assert_close(plan.marginal[b : b + 1], one.marginal, rtol=0, atol=1e-15)
-        torch.testing.assert_close(plan.log_scale[b : b + 1], one.log_scale, rtol=0, atol=1e-12)
+        torch.testing.assert_close(plan.scale[b : b + 1], one.scale, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 8])
+def test_fused_and_tensor_plans_agree(k):
+    """The two implementations of one algorithm: the same winner law to rounding, on LLM-like
+    rows and on rows with zeros and exact ties (the scales differ where rounding decides a
+    near-tied group's order, which moves s by rounding only)."""
+    p, q = _llm_like(6, 2000, seed=k, noise=1.0, scale=3.0)
+    p[1, :1000], q[2, 1000:] = 0.0, 0.0  # zeros in p, in q
+    p[3], q[3] = CASES["v6-tied-ratios"][0].repeat(2000 // 6 + 1)[:2000], CASES["v6-tied-ratios"][1].repeat(2000 // 6 + 1)[:2000]
+    p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
+    fused, tensor = optimal_plan(p, q, k, fused=True), optimal_plan(p, q, k, fused=False)
+    torch.testing.assert_close(fused.marginal, tensor.marginal, rtol=0, atol=1e-12)
+    for plan in (fused, tensor):
+        torch.testing.assert_close(torch.minimum(plan.marginal, p).sum(-1), md.proofs.optimal_acceptance(p, q, k),
+                                   rtol=0, atol=OPTIMAL_TOL)
+
+
+def test_fused_plan_refuses_other_devices_and_bad_options():
+    with pytest.raises(ValueError, match="fused must be None, True or False"):
+        md.get_verifier("optimal", fused="yes")
+    if torch.cuda.is_available():
+        p = torch.full((1, 4), 0.25, device="cuda", dtype=torch.float64)
+        with pytest.raises(ValueError, match="CPU only"):
+            optimal_plan(p, p, 2, fused=True)
 
 
 def test_float32_inputs_reach_the_bound():

@@ -45,7 +45,7 @@ MIN_LOG_SCALE = -600.0  # floor on log scales, keeping exp(+-log scale) finite i
 class Plan(NamedTuple):
     """What the bid race needs per token, in float64."""
 
-    log_scale: Tensor  # [B, V] log phi; the highest p/q first, non-increasing
+    scale: Tensor  # [B, V] phi in [e^MIN_LOG_SCALE, 1]; non-increasing in p/q order
     marginal: Tensor  # [B, V] s: the law of the winner (0 where q = 0)
 
 
@@ -149,16 +149,40 @@ def _join_lengths(base: Tensor, sigma: Tensor, deficit: Tensor, group: Tensor, k
     return length
 
 
-def optimal_plan(p: Tensor, q: Tensor, k: int) -> Plan:
+def optimal_plan(p: Tensor, q: Tensor, k: int, fused: bool | None = None) -> Plan:
     """Scales of a bid race whose winner law s has ``s <= p`` outside the optimal cut T* and
-    ``s >= p`` on it, and that law s (docs/verifiers/optimal.md, "Algorithm")."""
+    ``s >= p`` on it, and that law s (docs/verifiers/optimal.md, "Algorithm").
+
+    ``fused``: run the plan as a few sequential passes per row (``optimal_cpu``, numba; CPU
+    only) instead of [B, V] tensor ops.  Default: fused on the CPU, tensor ops elsewhere.
+    """
     p = p.to(torch.float64)
     q = q.to(torch.float64)
     if k == 1:  # the only draft always wins: s = q
-        return Plan(torch.zeros_like(q), q.clone())
-    vocab = p.shape[1]
+        return Plan(torch.ones_like(q), q.clone())
     ratio = (p / q).nan_to_num(nan=float("inf"))  # [B, V]; q = 0 gives inf
     order = _descending_order(ratio)  # [B, V] highest p/q first
+    if fused is None:
+        fused = p.device.type == "cpu"
+    if fused:
+        return _fused_plan(p, q, order, k)
+    return _tensor_plan(p, q, ratio, order, k)
+
+
+def _fused_plan(p: Tensor, q: Tensor, order: Tensor, k: int) -> Plan:
+    if p.device.type != "cpu":
+        raise ValueError(f"the fused optimal plan runs on the CPU only, got p on {p.device}")
+    from .optimal_cpu import plan_rows  # numba compiles (or loads its cache) on first use
+
+    p_np, q_np = p.detach().contiguous().numpy(), q.detach().contiguous().numpy()
+    scale, marginal = numpy.empty_like(p_np), numpy.empty_like(p_np)
+    plan_rows(p_np, q_np, order.contiguous().numpy(), k, scale, marginal)
+    return Plan(torch.from_numpy(scale), torch.from_numpy(marginal))
+
+
+def _tensor_plan(p: Tensor, q: Tensor, ratio: Tensor, order: Tensor, k: int) -> Plan:
+    """The plan as [B, V] tensor ops (any device)."""
+    vocab = p.shape[1]
     rs, qs, ps = ratio.gather(1, order), q.gather(1, order), p.gather(1, order)
     pos = torch.arange(vocab, device=p.device)
 
@@ -213,7 +237,7 @@ def optimal_plan(p: Tensor, q: Tensor, k: int) -> Plan:
     log_scale = (log_scale + in_t * (h_low - SEG_FLOOR - t_top)).clamp(min=MIN_LOG_SCALE)
 
     marginal = race_marginal(qs, log_scale, k)
-    return Plan(torch.empty_like(log_scale).scatter_(1, order, log_scale),
+    return Plan(torch.empty_like(log_scale).scatter_(1, order, log_scale.exp()),
                 torch.empty_like(marginal).scatter_(1, order, marginal))
 
 
@@ -249,15 +273,28 @@ def _residual(p64: Tensor, marginal: Tensor) -> Tensor:
 
 @register_verifier("optimal")
 class Optimal(Verifier):
-    """Optimal acceptance for k i.i.d. drafts: bid-race selection, then speculative sampling."""
+    """Optimal acceptance for k i.i.d. drafts: bid-race selection, then speculative sampling.
+
+    ``fused``: how the plan runs (``optimal_plan``): None picks the fused CPU kernel on the CPU
+    and tensor ops elsewhere; True or False forces one (True needs CPU tensors).
+    """
 
     iid_drafts = True
     exact_acceptance = True
 
+    def __init__(self, validate_args: bool | None = None, fused: bool | None = None):
+        super().__init__(validate_args)
+        if fused is not None and not isinstance(fused, bool):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        self.fused = fused
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, validate_args={self.validate_args}, fused={self.fused})"
+
     def _expected_acceptance(self, p, q, k):
         # The speculative step keeps the winner y with probability min(1, p(y)/s(y)), so the
         # acceptance is sum_y min(s(y), p(y)) for the plan's winner law s.
-        s = optimal_plan(p, q, k).marginal.to(p.dtype)
+        s = optimal_plan(p, q, k, self.fused).marginal.to(p.dtype)
         return torch.minimum(s, p).sum(dim=-1)
 
     def _draft(self, q, k, generator):
@@ -267,19 +304,19 @@ class Optimal(Verifier):
         return q.gather(1, drafts).prod(dim=1)  # [B]
 
     def _kernel(self, p, q, drafts):
-        plan = optimal_plan(p, q, drafts.shape[1])
+        plan = optimal_plan(p, q, drafts.shape[1], self.fused)
         p64 = p.to(torch.float64)
-        win = race_win_probabilities(plan.log_scale.gather(1, drafts))  # [B, k]
+        win = race_win_probabilities(plan.scale.gather(1, drafts).log())  # [B, k]
         keep = _keep_probability(p64, plan.marginal, drafts)  # [B, k]
         kern = torch.zeros_like(p64).scatter_add_(1, drafts, win * keep)
         rejected = (win * (1 - keep)).sum(dim=-1, keepdim=True)  # [B, 1]
         return (kern + rejected * _residual(p64, plan.marginal)).to(p.dtype)
 
     def _verify(self, p, q, drafts, generator):
-        plan = optimal_plan(p, q, drafts.shape[1])
+        plan = optimal_plan(p, q, drafts.shape[1], self.fused)
         p64 = p.to(torch.float64)
         u = torch.rand(drafts.shape, generator=generator, device=p.device, dtype=torch.float64)
-        bids = u.log() + plan.log_scale.gather(1, drafts)  # [B, k]: log of U_i * phi(x_i)
+        bids = u * plan.scale.gather(1, drafts)  # [B, k]: U_i * phi(x_i)
         winner = drafts.gather(1, bids.argmax(dim=1, keepdim=True))  # [B, 1]
         keep = _keep_probability(p64, plan.marginal, winner)  # [B, 1]
         coin = torch.rand(keep.shape, generator=generator, device=p.device, dtype=torch.float64)

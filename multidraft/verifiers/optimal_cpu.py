@@ -1,0 +1,265 @@
+"""The `optimal` verifier's plan on the CPU, fused: a few sequential passes per row (numba).
+
+The same algorithm as ``optimal._tensor_plan`` (docs/verifiers/optimal.md, "Algorithm"), step
+for step, but each stage is one loop over a row's ratio-sorted positions instead of dozens of
+[B, V] tensor ops, which on the CPU cost far more in memory traffic and dispatch than in
+arithmetic.  What differs besides the loop form:
+
+- the scales are kept as products ``phi`` in [e^MIN_LOG_SCALE, 1], not as a running sum of
+  logs, so the race marginal needs no exp/expm1 per token: a join's ratio
+  ``phi_{i+1} / phi_i`` and its complement ``1 - phi_{i+1} / phi_i`` come straight from the
+  join lengths;
+- the join equation is solved by Newton in powers of L (no log/exp), started from the
+  previous join's length, which bounds the root from above and is usually close to it; only
+  when that has not converged after a few steps does it go on in the tensor path's k-th-root
+  form.
+
+Exactness does not depend on any of this (the marginal is recomputed from the scales used,
+Theorem 1); optimality and agreement with the tensor plan are tested in
+tests/test_optimal_verifier.py.  p is the target law, q the draft law, both float64 rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy
+
+from .optimal import MIN_LOG_SCALE, SEG_FLOOR
+
+_JIT = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+_SEG_RATIO = math.exp(-SEG_FLOOR)  # smallest ratio of consecutive scales inside a block
+_MIN_SCALE = math.exp(MIN_LOG_SCALE)  # floor on scales
+# Newton on the join equation, from an upper bound: a step below NEWTON_TOLERANCE * L ends it.
+NEWTON_TOLERANCE = 1e-7
+POLYNOMIAL_STEPS = 6  # in powers of L: fast from a warm start
+ROOT_FORM_STEPS = 30  # then in the k-th-root form: fast from far away
+
+
+@numba.njit(**_JIT)
+def _fmin(a, b):
+    """min that ignores a nan argument (torch.fmin)."""
+    if a != a:
+        return b
+    if b != b:
+        return a
+    return min(a, b)
+
+
+@numba.njit(**_JIT)
+def power(x, n):
+    """x**n for a small constant n >= 0."""
+    out = 1.0
+    for _ in range(n):
+        out *= x
+    return out
+
+@numba.njit(**_JIT)
+def power_sum(a, b, k):
+    """sum_{j<k} a^j b^(k-1-j) = (a^k - b^k) / (a - b), without the cancellation (Horner)."""
+    total, b_pow = 1.0, 1.0
+    for _ in range(k - 1):
+        b_pow *= b
+        total = total * a + b_pow
+    return total
+
+@numba.njit(**_JIT)
+def binomials(k):
+    """C(k, 0..k), then room for join_length's coefficients a_j."""
+    coef = numpy.ones(2 * k + 2)
+    for n in range(1, k + 1):
+        coef[n] = coef[n - 1] * (k - n + 1) / n
+    return coef
+
+@numba.njit(**_JIT)
+def join_length(base, sigma, deficit, group, start, coef, k):
+    """The largest root L in [0, group] of ``(base + L)^k - base^k - sigma L = deficit``.
+
+    The left side less the right, ``f(L) = L (a1 + a2 L + ... + a_k L^(k-1)) - deficit``
+    with ``a1 = k base^(k-1) - sigma`` and ``a_j = C(k, j) base^(k-j) >= 0`` for j >= 2,
+    is convex, so Newton from any point right of the root falls monotonically to it.  The
+    start is the smallest of three upper bounds: the group's length, the root of the
+    quadratic part (the terms past a2 are >= 0; it is the root for k = 2), and ``start``,
+    the previous join's length (join levels descend down a block: docs/verifiers/
+    optimal.md, step D).  Consecutive positions join at nearby levels, so one or two steps
+    usually end it.  In powers of L every term but a1 is >= 0, so small lengths keep their
+    relative precision.  ``coef``: C(k, j) for j = 0..k, then scratch for the a_j.
+    """
+    a2 = k * (k - 1) / 2 * power(base, k - 2)
+    a1 = k * power(base, k - 1) - sigma
+    disc = math.sqrt(a1 * a1 + 4 * a2 * deficit)
+    # the positive root of a2 L^2 + a1 L = deficit, cancellation-free for either sign of a1
+    quad = 2 * deficit / (a1 + disc) if a1 >= 0 else (disc - a1) / (2 * a2)
+    length = _fmin(group, quad)
+    if k == 2 or not length > 0:
+        return length
+    length = min(length, start)
+    base_pow = 1.0
+    for j in range(k, 1, -1):
+        coef[k + 1 + j] = coef[j] * base_pow
+        base_pow *= base
+    for _ in range(POLYNOMIAL_STEPS):
+        f, df = coef[2 * k + 1], k * coef[2 * k + 1]  # Horner from a_k
+        for j in range(k - 1, 1, -1):
+            f = f * length + coef[k + 1 + j]
+            df = df * length + j * coef[k + 1 + j]
+        f = (f * length + a1) * length - deficit
+        df = df * length + a1
+        if not f > 0 or not df > 0:
+            return max(length, 0.0)
+        step = f / df
+        length -= step
+        if step <= length * NEWTON_TOLERANCE:  # quadratic convergence: the error left is ~ step^2
+            return max(length, 0.0)
+    # Still far from the root (a cold start for a large k, where the polynomial's Newton
+    # steps shrink L only by ~1/k): Newton on the k-th-root form, nearly linear, as the
+    # tensor path does (optimal._join_lengths).
+    base_k = power(base, k)
+    for _ in range(ROOT_FORM_STEPS):
+        rise = deficit + sigma * length
+        total = base_k + rise
+        if not total > 0:
+            break
+        tau = math.exp(math.log(total) / k)
+        h = length - rise / power_sum(tau, base, k)
+        slope = 1 - sigma / k * tau / total  # H'(L) = 1 - sigma/k * tau^(1 - k)
+        step = h / slope
+        if not step > 0:
+            break
+        length -= step
+        if step <= length * NEWTON_TOLERANCE:
+            break
+    return max(length, 0.0)
+
+@numba.njit(**_JIT)
+def plan_row(p, q, order, k, scale_out, marginal_out):
+    """One row's plan.  ``order``: the token ids by non-increasing p/q ("positions"); writes
+    the scales phi and the winner law s in token order."""
+    vocab = p.shape[0]
+    qs, ps, rs = numpy.empty(vocab), numpy.empty(vocab), numpy.empty(vocab)
+    for i in range(vocab):
+        t = order[i]
+        qs[i], ps[i] = q[t], p[t]
+        rs[i] = p[t] / q[t] if q[t] > 0 else math.inf
+
+    # 1. The optimal cut T* = {positions >= cut}: the largest T maximizing q(T)^k - p(T).
+    # Suffix sums run from the bottom, so that small sums keep their relative precision.
+    q_below = numpy.empty(vocab + 1)  # q-mass of positions >= i
+    q_below[vocab] = 0.0
+    p_below, best, cut = 0.0, -math.inf, vocab
+    for i in range(vocab - 1, -1, -1):
+        q_below[i] = q_below[i + 1] + qs[i]
+        p_below += ps[i]
+        if qs[i] > 0:
+            value = power(min(q_below[i], 1.0), k) - p_below
+            if value >= best:  # on ties the smaller position: the larger T
+                best, cut = value, i
+    if best < 0:
+        cut = vocab
+    top_h, a = q_below[0], q_below[cut]
+    mass_h, mass_t = power(top_h, k) - power(a, k), power(a, k)  # what H and T* win
+
+    # 2. Targets: min(p, c q) on H's first j positions, max(p, c' q) on T*.
+    q_group, p_group = numpy.empty(vocab), numpy.empty(vocab)  # mass of the block before i
+    p_h = 0.0
+    for i in range(cut):
+        p_h += ps[i]
+    q_acc = p_acc = 0.0
+    j = 0
+    for i in range(vocab):
+        if i == cut:
+            q_acc = p_acc = 0.0
+        q_group[i], p_group[i] = q_acc, p_acc
+        q_acc += qs[i]
+        p_acc += ps[i]
+        if i < cut and (qs[i] == 0 or rs[i] * q_acc + (p_h - p_acc) > mass_h):
+            j += 1
+    cap = 0.0
+    if j > 0:
+        last = j - 1
+        cap = (mass_h - p_h + p_group[last] + ps[last]) / (q_group[last] + qs[last])
+        if not math.isfinite(cap):
+            cap = 0.0
+    jt = cut
+    for i in range(cut, vocab):
+        if p_group[i] + rs[i] * q_below[i] > mass_t:
+            jt += 1
+    jt = min(jt, vocab - 1)
+    floor = (mass_t - p_group[jt]) / q_below[jt]
+    if not math.isfinite(floor):
+        floor = 0.0
+
+    # 3. Processor sharing down each block.  Position i joins its block's group of earlier
+    # positions with length ``left`` left; the scale falls by left / (the group's length at
+    # the previous join), kept with its complement ``gap`` for the marginal.
+    phi = numpy.empty(vocab)  # the scales as multiplied, before the floor
+    gap = numpy.empty(vocab)  # 1 - phi_i / phi_{i-1}
+    s_acc = left_prev = 0.0
+    running = 1.0
+    coef = binomials(k)
+    for i in range(vocab):
+        if i == cut:
+            s_acc = left_prev = 0.0
+        target = ps[i]
+        if i < j:
+            target = min(ps[i], cap * qs[i])
+        if i >= cut:
+            target = max(ps[i], floor * qs[i])
+        sigma = target / qs[i] if qs[i] > 0 else 0.0
+        top = top_h if i < cut else a
+        base = top - q_group[i]
+        deficit = max(q_group[i] * power_sum(top, base, k) - s_acc, 0.0)
+        left = join_length(base, sigma, deficit, q_group[i], left_prev, coef, k)
+        s_acc += target
+        ratio, drop = 1.0, 0.0
+        if i == cut and cut > 0:  # T* starts SEG_FLOOR below H's lowest scale
+            ratio, drop = _SEG_RATIO, 1 - _SEG_RATIO
+        elif left_prev > 0 and left == left:
+            kept = min(left, left_prev)
+            ratio = max(kept / left_prev, _SEG_RATIO)
+            drop = min((left_prev - kept) / left_prev, 1 - _SEG_RATIO)
+        running *= ratio
+        phi[i], gap[i] = running, drop
+        left_prev = left + qs[i]
+
+    # 4. The winner's law from the scales used (optimal.race_marginal, Lemma 1):
+    # s_i = q_i / phi_i * sum_{m >= i} phi_m d_m.
+    scale = numpy.empty(vocab)
+    for i in range(vocab):
+        scale[i] = max(phi[i], _MIN_SCALE)
+    beta = 0.0  # sum_{l <= m} q_l / phi_l
+    piece = numpy.empty(vocab)
+    for m in range(vocab):
+        q_over_phi = qs[m] / scale[m]
+        beta += q_over_phi
+        slope = scale[m] * beta  # phi_m beta_m
+        if m + 1 < vocab:
+            next_ratio = scale[m + 1] / scale[m]
+            # the join's own complement, unless the floor changed either scale
+            floored = scale[m + 1] != phi[m + 1] or scale[m] != phi[m]
+            drop = 1 - next_ratio if floored else gap[m + 1]
+        else:
+            next_ratio, drop = 0.0, 1.0
+        lower = q_below[m + 1]
+        piece[m] = drop * power_sum(lower + slope, lower + slope * next_ratio, k)
+        qs[m] = q_over_phi  # qs is not needed past here
+    acc = 0.0
+    for m in range(vocab - 1, -1, -1):
+        acc += scale[m] * piece[m]
+        t = order[m]
+        marginal_out[t] = qs[m] * acc
+        scale_out[t] = scale[m]
+
+@numba.njit(**_JIT)
+def plan_rows(p, q, order, k, scale_out, marginal_out):
+    """The plan of every row of p, q [B, V] (float64) given each row's ratio order [B, V]."""
+    for b in range(p.shape[0]):
+        plan_row(p[b], q[b], order[b], k, scale_out[b], marginal_out[b])
+
+@numba.njit(**_JIT)
+def join_lengths(base, sigma, deficit, group, start, k, out):
+    """join_length over arrays (out[i] for each i), for tests of the root solver."""
+    coef = binomials(k)
+    for i in range(base.shape[0]):
+        out[i] = join_length(base[i], sigma[i], deficit[i], group[i], start[i], coef, k)
