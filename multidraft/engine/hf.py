@@ -11,7 +11,7 @@ The adapter calls the HF model's own forward with
   [B, 1, T, S] (0 where visible, the dtype's minimum elsewhere).  HF passes a 4-D mask through
   untouched; additive rather than boolean because the eager attention adds the mask to the
   scores, while sdpa accepts either,
-- ``past_key_values`` = ``EngineCache``, a ``transformers.Cache`` whose ``update`` writes the new
+- ``past_key_values`` (``cache`` from transformers 5.24) = ``EngineCache``, a ``transformers.Cache`` whose ``update`` writes the new
   keys/values through the engine's ``KVCache.write`` and returns the layer's K/V over all S slots.
 
 So the engine's KVCache is the only store: ``commit`` gathers the kept slots into place exactly
@@ -77,12 +77,21 @@ def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def cache_argument(model: nn.Module) -> str | None:
+    """The name under which the model's forward takes a KV cache: ``past_key_values`` (until
+    transformers 5.23), ``cache`` (from 5.24), or None."""
+    params = inspect.signature(model.forward).parameters
+    return next((name for name in ("past_key_values", "cache") if name in params), None)
+
+
 def check_architecture(model: nn.Module) -> None:
     """Raise ValueError naming the architecture when it cannot take custom masks and positions."""
     config = _text_config(model.config)
     arch = f"{type(model).__name__} (model_type {getattr(config, 'model_type', '?')!r})"
     params = inspect.signature(model.forward).parameters
-    missing = [p for p in ("attention_mask", "position_ids", "past_key_values") if p not in params]
+    missing = [p for p in ("attention_mask", "position_ids") if p not in params]
+    if cache_argument(model) is None:
+        missing.append("past_key_values (or cache)")
     if missing:
         raise ValueError(f"{arch} cannot run in the engine: its forward takes no {', '.join(missing)}")
     reason = _UNSUPPORTED_TYPES.get(getattr(config, "model_type", None))
@@ -112,6 +121,7 @@ class HFModel(nn.Module):
         super().__init__()
         check_architecture(model)
         self.model = model
+        self.cache_argument = cache_argument(model)  # the forward keyword for the KV cache
         config = _text_config(model.config)
         self.vocab_size = int(config.vocab_size)
         self.n_layers = int(config.num_hidden_layers)
@@ -148,5 +158,5 @@ class HFModel(nn.Module):
         # Every row sees at least itself, so no row is all -inf.
         additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
         out = self.model(input_ids=ids, position_ids=pos, attention_mask=additive.unsqueeze(1),
-                         past_key_values=_cache_class()(cache), use_cache=True)
+                         use_cache=True, **{self.cache_argument: _cache_class()(cache)})
         return out.logits  # [B, T, V]

@@ -271,6 +271,21 @@ def _residual(p64: Tensor, marginal: Tensor) -> Tensor:
     return torch.where(mass > 0, residual / torch.where(mass > 0, mass, 1.0), p64)
 
 
+def _residual_draw(p64: Tensor, marginal: Tensor, generator, fused: bool | None) -> Tensor:
+    """One token per row [B] from ``_residual(p64, marginal)``: one scan per row in the fused
+    kernel on the CPU, tensor ops elsewhere."""
+    if fused is None:
+        fused = p64.device.type == "cpu"
+    if not fused:
+        return sample_from_weights(_residual(p64, marginal), generator)
+    from .optimal_cpu import residual_draws
+
+    u = torch.rand(p64.shape[0], generator=generator, dtype=torch.float64)
+    out = torch.empty(p64.shape[0], dtype=torch.long)
+    residual_draws(p64.contiguous().numpy(), marginal.contiguous().numpy(), u.numpy(), out.numpy())
+    return out
+
+
 @register_verifier("optimal")
 class Optimal(Verifier):
     """Optimal acceptance for k i.i.d. drafts: bid-race selection, then speculative sampling.
@@ -320,6 +335,6 @@ class Optimal(Verifier):
         winner = drafts.gather(1, bids.argmax(dim=1, keepdim=True))  # [B, 1]
         keep = _keep_probability(p64, plan.marginal, winner)  # [B, 1]
         coin = torch.rand(keep.shape, generator=generator, device=p.device, dtype=torch.float64)
-        fallback = sample_from_weights(_residual(p64, plan.marginal), generator)  # [B]
+        fallback = _residual_draw(p64, plan.marginal, generator, self.fused)  # [B]
         token = torch.where((coin < keep).squeeze(1), winner.squeeze(1), fallback)
         return Verdict(token, first_match(drafts, token))

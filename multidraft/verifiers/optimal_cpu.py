@@ -263,3 +263,27 @@ def join_lengths(base, sigma, deficit, group, start, k, out):
     coef = binomials(k)
     for i in range(base.shape[0]):
         out[i] = join_length(base[i], sigma[i], deficit[i], group[i], start[i], coef, k)
+
+
+@numba.njit(**_JIT)
+def residual_draws(p, marginal, u, out):
+    """out[b] ~ normalize(max(p - s, 0)) of row b (p where that has no mass), by inverse CDF
+    with the uniform u[b] in [0, 1): a token of weight 0 is never returned."""
+    for b in range(p.shape[0]):
+        mass = 0.0
+        for t in range(p.shape[1]):
+            mass += max(p[b, t] - marginal[b, t], 0.0)
+        use_p = not mass > 0  # reached with probability 0: the kernel falls back to p there too
+        if use_p:
+            mass = 0.0
+            for t in range(p.shape[1]):
+                mass += p[b, t]
+        goal, acc, last = u[b] * mass, 0.0, -1
+        for t in range(p.shape[1]):
+            weight = p[b, t] if use_p else max(p[b, t] - marginal[b, t], 0.0)
+            if weight > 0:
+                acc += weight
+                last = t
+                if acc > goal:
+                    break
+        out[b] = last  # the last positive weight if rounding left acc <= goal
