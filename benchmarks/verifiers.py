@@ -17,11 +17,13 @@ shared machine, and glibc's page faults on large tensors: see benchmarks/README.
     python benchmarks/verifiers.py                     # full grid, CPU (+ CUDA if present)
     python benchmarks/verifiers.py --quick             # smaller grid
     python benchmarks/verifiers.py --verifiers rrs rrs-wor --device cpu --json out.json
+    python benchmarks/verifiers.py --verifiers optimal optimal:fused=False   # the two plan paths
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import functools
 import json
@@ -109,9 +111,34 @@ def make_rows(V: int, B: int, device: torch.device, seed: int = 0):
     return target, torch.softmax(target, dim=-1), torch.softmax(draft, dim=-1)
 
 
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``NAME`` or ``NAME:option=value,...`` (values as Python literals) -> (name, options)."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"verifier option {item!r} in {spec!r} is not key=value")
+        options[key] = ast.literal_eval(value)
+    return name, options
+
+
+def warmed_up(spec: str, device: torch.device):
+    """The verifier of ``spec``, after one call on a tiny problem, so that one-off costs
+    (numba compiling or loading its cache, lazy imports) stay out of every timed cell."""
+    name, options = parse_spec(spec)
+    verifier = md.get_verifier(name, validate_args=False, **options)
+    _, p, q = make_rows(16, 2, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for k in (1, 2):
+        if k >= verifier.min_drafts and (verifier.max_drafts is None or k <= verifier.max_drafts):
+            verifier.verify(p, q, verifier.draft(q, k, generator=gen), generator=gen)
+    return verifier
+
+
 def bench_device(device, grid, names, min_repeats, max_repeats, budget_s, max_call_s, log=print) -> list[Row]:
     rows: list[Row] = []
-    verifiers = {name: md.get_verifier(name, validate_args=False) for name in names}
+    verifiers = {spec: warmed_up(spec, device) for spec in names}
     too_slow: dict[tuple[str, int, int], str] = {}  # (verifier, V, k) -> why larger B are skipped
     for V in grid["V"]:
         for B in sorted(grid["B"]):
@@ -150,12 +177,12 @@ def bench_device(device, grid, names, min_repeats, max_repeats, budget_s, max_ca
     return rows
 
 
-HEADER = (f"{'device':<6} {'verifier':<14} {'V':>6} {'B':>4} {'k':>2} {'ms/call':>9} {'us/node':>9} "
+HEADER = (f"{'device':<6} {'verifier':<20} {'V':>6} {'B':>4} {'k':>2} {'ms/call':>9} {'us/node':>9} "
           f"{'softmax ms':>10} {'x softmax':>9}")
 
 
 def format_row(r: Row) -> str:
-    head = f"{r.device:<6} {r.verifier:<14} {r.V:>6} {r.B:>4} {r.k:>2}"
+    head = f"{r.device:<6} {r.verifier:<20} {r.V:>6} {r.B:>4} {r.k:>2}"
     if r.ms_per_call is None:
         return f"{head} {r.note}"
     return f"{head} {r.ms_per_call:>9.3f} {r.us_per_node:>9.2f} {r.softmax_ms:>10.3f} {r.ratio:>9.2f}"
@@ -181,7 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", action="append", choices=["cpu", "cuda"],
                         help="device to time on (repeatable); default: cpu, and cuda if available")
     parser.add_argument("--verifiers", nargs="+", metavar="NAME",
-                        help="verifiers to time (default: all of md.available_verifiers())")
+                        help="verifiers to time (default: all of md.available_verifiers()); "
+                             "NAME:option=value,... passes constructor options, e.g. optimal:fused=False")
     parser.add_argument("--V", type=int, nargs="+", help="override the vocabulary sizes")
     parser.add_argument("--B", type=int, nargs="+", help="override the batch sizes")
     parser.add_argument("--k", type=int, nargs="+", help="override the numbers of drafts")
@@ -206,7 +234,7 @@ def main(argv=None) -> int:
 
     known = md.available_verifiers()
     names = args.verifiers or known
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if parse_spec(n)[0] not in known]
     if unknown:
         parser.error(f"unknown verifier(s) {', '.join(unknown)}; known: {', '.join(known)}")
 
