@@ -692,7 +692,13 @@ class Engine:
         for name, value in [("num_drafts", num_drafts), ("depth", depth)]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        self.verifier = get_verifier(verifier, **verifier_options) if isinstance(verifier, str) else verifier
+        if isinstance(verifier, str):
+            # The engine's p and q rows are distributions by construction, and its drafts come
+            # from the verifier's own scheme: checking them at every tree level would read values
+            # back to the host on each call (~0.5 ms each on a CPU), so a verifier named here
+            # runs unchecked unless validate_args=True is passed. An instance is used as given.
+            verifier = get_verifier(verifier, **{"validate_args": False, **verifier_options})
+        self.verifier = verifier
         if not isinstance(self.verifier, Verifier):
             raise ValueError(f"verifier must be a registered name or a Verifier, got {verifier!r}")
         v = self.verifier

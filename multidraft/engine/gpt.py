@@ -66,15 +66,14 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(pos: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(cos, sin_signed) [B, 1, T, head_dim] for the positions pos [B, T] (rotate-half convention).
+    """(cos, sin_signed) [*pos.shape, head_dim] for the positions pos (rotate-half convention).
 
-    Computed once per forward and shared by every layer (for q and k alike): at decoding sizes
-    a forward is bound by the number of ops, not by their arithmetic.  Angles come from the
-    positions directly (in float64), so there is no maximum sequence length to configure.
+    Angles come from the positions directly (in float64), so any position works; the model
+    computes them once per cache length and looks them up per forward (``GPT.rotary``).
     """
     half = head_dim // 2
     inv_freq = base ** (-torch.arange(half, device=pos.device, dtype=torch.float64) / half)  # [D/2]
-    angle = (pos.unsqueeze(-1).double() * inv_freq).unsqueeze(1)  # [B, 1, T, D/2]
+    angle = pos.unsqueeze(-1).double() * inv_freq  # [..., D/2]
     cos, sin = angle.cos(), angle.sin()
     return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
@@ -90,18 +89,18 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.wq = nn.Linear(config.dim, config.n_head * config.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_head * config.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_head * config.head_dim, bias=False)
+        # q, k and v stacked in one projection: at decoding sizes a forward is bound by the
+        # number of ops, so one matmul (and one rotation for q and k) beats three
+        self.wqkv = nn.Linear(config.dim, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        self.register_load_state_dict_pre_hook(_stack_weights("wqkv", "wq", "wk", "wv"))
 
     def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], mask: Tensor, cache: KVCache) -> Tensor:
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.wk(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.wv(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        q, k = apply_rope(q, *rotary), apply_rope(k, *rotary)
-        k, v = cache.write(self.layer, k, v)  # [B, Hkv, S, D]: cached slots and the new ones
+        heads = self.n_head + self.n_kv_head
+        qkv = self.wqkv(x).view(b, t, heads + self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, H + 2 Hkv, T, D]
+        q, k = apply_rope(qkv[:, :heads], *rotary).split([self.n_head, self.n_kv_head], dim=1)  # [B, H | Hkv, T, D]
+        k, v = cache.write(self.layer, k, qkv[:, heads:])  # [B, Hkv, S, D]: cached slots and the new ones
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # [B, H, S, D]
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
@@ -112,12 +111,25 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)
-        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)
+        self.w13 = nn.Linear(config.dim, 2 * config.intermediate_size, bias=False)  # gate (w1) and up (w3) stacked
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)
+        self.register_load_state_dict_pre_hook(_stack_weights("w13", "w1", "w3"))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+def _stack_weights(stacked: str, *parts: str):
+    """A load_state_dict pre-hook that reads checkpoints with separate projections (``parts``,
+    e.g. wq, wk, wv: the layout train.py wrote before they were stacked) into ``stacked``."""
+
+    def hook(module, state_dict, prefix, *args):
+        names = [f"{prefix}{part}.weight" for part in parts]
+        if all(name in state_dict for name in names):
+            state_dict[f"{prefix}{stacked}.weight"] = torch.cat([state_dict.pop(name) for name in names], dim=0)
+
+    return hook
 
 
 class Block(nn.Module):
@@ -144,6 +156,7 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self._rotary_table: tuple[Tensor, Tensor] | None = None  # (cos, sin_signed) [positions, head_dim]
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -166,9 +179,19 @@ class GPT(nn.Module):
         dtype = self.output.weight.dtype
         return KVCache(c.n_layer, batch_size, c.n_kv_head, max_len, c.head_dim, dtype=dtype, device=device)
 
+    def rotary(self, pos: Tensor, dtype: torch.dtype, max_len: int) -> tuple[Tensor, Tensor]:
+        """(cos, sin_signed) [B, 1, T, head_dim] for positions pos [B, T] below ``max_len``,
+        looked up in tables built once per cache length (a lookup is two ops, the angles ~12)."""
+        table = self._rotary_table
+        if table is None or table[0].shape[0] < max_len or table[0].dtype != dtype or table[0].device != pos.device:
+            every = torch.arange(max_len, device=pos.device)
+            table = self._rotary_table = rope_tables(every, self.config.head_dim, self.config.rope_base, dtype)
+        return table[0][pos].unsqueeze(1), table[1][pos].unsqueeze(1)
+
     def forward(self, ids: Tensor, pos: Tensor, mask: Tensor, cache: KVCache) -> Tensor:
         x = self.tok_embeddings(ids)  # [B, T, dim]
-        rotary = rope_tables(pos, self.config.head_dim, self.config.rope_base, x.dtype)
+        # a token's position never exceeds its slot, so the cache length bounds the positions
+        rotary = self.rotary(pos, x.dtype, cache.max_len)
         for block in self.layers:
             x = block(x, rotary, mask, cache)
         return self.output(self.norm(x))  # [B, T, V]

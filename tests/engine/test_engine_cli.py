@@ -48,7 +48,7 @@ def test_early_exit_shares_the_first_layers_and_head():
     target, draft = small_pair()
     assert draft.config.n_layer == 1 and draft.config.dim == target.config.dim
     torch.testing.assert_close(draft.output.weight, target.output.weight)
-    torch.testing.assert_close(draft.layers[0].attention.wq.weight, target.layers[0].attention.wq.weight)
+    torch.testing.assert_close(draft.layers[0].attention.wqkv.weight, target.layers[0].attention.wqkv.weight)
     assert draft.output.weight.data_ptr() != target.output.weight.data_ptr()  # a copy
     with pytest.raises(ValueError, match="early_exit needs 1 <= n_layer <= 3 \\(the model's layers\\), got 4"):
         early_exit(target, 4)

@@ -37,6 +37,9 @@ class WindowKV:
     keys and values are just its own (a shared cache buffer would also break autograd, since
     every layer writes into one tensor in place)."""
 
+    def __init__(self, max_len: int):
+        self.max_len = max_len  # positions stay below it (the model's rotary table is this long)
+
     def write(self, layer, k_new, v_new):
         return k_new, v_new
 
@@ -44,7 +47,7 @@ class WindowKV:
 def causal_forward(model: GPT, ids: torch.Tensor) -> torch.Tensor:
     """Logits [B, T, V] for a batch of windows [B, T] through the engine's model protocol."""
     batch, length = ids.shape
-    cache = WindowKV()
+    cache = WindowKV(length)
     pos = torch.arange(length, device=ids.device).expand(batch, length)
     mask = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril().expand(batch, length, length)
     return model(ids, pos, mask, cache)
