@@ -162,16 +162,21 @@ def optimal_plan(p: Tensor, q: Tensor, k: int, fused: bool | None = None) -> Pla
         return Plan(torch.ones_like(q), q.clone())
     ratio = (p / q).nan_to_num(nan=float("inf"))  # [B, V]; q = 0 gives inf
     order = _descending_order(ratio)  # [B, V] highest p/q first
-    if fused is None:
-        fused = p.device.type == "cpu"
-    if fused:
+    if _runs_fused(fused, p.device):
         return _fused_plan(p, q, order, k)
     return _tensor_plan(p, q, ratio, order, k)
 
 
+def _runs_fused(fused: bool | None, device: torch.device) -> bool:
+    """Whether the plan and residual draw run in the fused CPU kernel (None: on the CPU)."""
+    if fused is None:
+        return device.type == "cpu"
+    if fused and device.type != "cpu":
+        raise ValueError(f"the fused optimal plan runs on the CPU only, got tensors on {device}")
+    return fused
+
+
 def _fused_plan(p: Tensor, q: Tensor, order: Tensor, k: int) -> Plan:
-    if p.device.type != "cpu":
-        raise ValueError(f"the fused optimal plan runs on the CPU only, got p on {p.device}")
     from .optimal_cpu import plan_rows  # numba compiles (or loads its cache) on first use
 
     p_np, q_np = p.detach().contiguous().numpy(), q.detach().contiguous().numpy()
@@ -274,9 +279,7 @@ def _residual(p64: Tensor, marginal: Tensor) -> Tensor:
 def _residual_draw(p64: Tensor, marginal: Tensor, generator, fused: bool | None) -> Tensor:
     """One token per row [B] from ``_residual(p64, marginal)``: one scan per row in the fused
     kernel on the CPU, tensor ops elsewhere."""
-    if fused is None:
-        fused = p64.device.type == "cpu"
-    if not fused:
+    if not _runs_fused(fused, p64.device):
         return sample_from_weights(_residual(p64, marginal), generator)
     from .optimal_cpu import residual_draws
 
