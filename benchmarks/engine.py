@@ -30,13 +30,7 @@ import torch
 
 from multidraft.engine import Engine, autoregressive_generate, demo_pair
 from multidraft.engine.pretrained import held_out_windows, load_ngram, load_pair
-from multidraft.engine.shape import (
-    calibrate_acceptance,
-    choose_shape,
-    forward_ms,
-    measure_costs,
-    measure_overhead,
-)
+from multidraft.engine.shape import ShapePolicy, forward_ms
 
 # (verifier, engine shape): drafted sequences (num_drafts, depth), branching trees (widths: children per
 # node by depth; spechub's binary tree), and staged drafting (draft2: the shipped pair's byte bigram).
@@ -127,28 +121,26 @@ def run(args) -> dict:
 
 
 def run_adaptive(args) -> dict:
-    """Per batch size and temperature: measure forward costs and the engine's overhead (per round
-    and per depth, on one calibration batch), calibrate per-depth acceptance (k in 1, 2, 4 at
-    depth 6, on CALIBRATION_PROMPTS or more prompts: acceptance does not depend on the batch size,
-    and one prompt is a noisy estimate), let ``choose_shape`` pick (k, D) or plain decoding, then
-    time that choice, plain decoding and every fixed shape of FIXED_SHAPES on *other* prompts."""
+    """Per batch size and temperature: ``ShapePolicy.calibrate`` measures forward costs and the
+    engine's overhead (per round and per depth, on one calibration batch) and per-depth
+    acceptance (k in 1, 2, 4 at depth 6, on CALIBRATION_PROMPTS or more prompts: acceptance does
+    not depend on the batch size, and one prompt is a noisy estimate); the policy picks (k, D) or
+    plain decoding, and that choice, plain decoding and every fixed shape of FIXED_SHAPES are
+    timed on *other* prompts."""
     torch.set_num_threads(args.threads)
     target, draft, prompts_for = models(args.pair)
-    max_depth, tokens = 6, sorted({1, 2, 3, 4, 5, 7, 9, 13, 17, 25})
     rows = []
     for batch in args.batches:
-        costs = measure_costs(target, draft, [batch], tokens, repeats=3)
         calib = prompts_for(max(batch, CALIBRATION_PROMPTS), args.prompt_len, seed=1000 + batch)
         # Timed on at least EVALUATION_REQUESTS requests (several batches at small batch sizes):
         # one prompt of 48 tokens says little about a shape's speed on others.
         batches = [prompts_for(batch, args.prompt_len, seed=batch + 100 * i) for i in range(max(1, EVALUATION_REQUESTS // batch))]
         for temperature in args.temperatures:
             settings = dict(temperature=temperature, seed=0)
-            acceptance, spread = calibrate_acceptance(target, draft, args.adaptive_verifier, [1, 2, 4], max_depth, calib,
-                                                      args.new_tokens, device="cpu", per_request=True, **settings)
-            overhead = measure_overhead(target, draft, args.adaptive_verifier, calib[:batch], costs, depths=(1, 4),
-                                        max_new_tokens=args.new_tokens, device="cpu", **settings)
-            choice = choose_shape(batch, costs, acceptance, overhead_ms=overhead, margin=CHOICE_MARGIN, request_efficiency=spread)
+            policy = ShapePolicy.calibrate(target, draft, args.adaptive_verifier, calib, batch_sizes=[batch], ks=(1, 2, 4),
+                                           max_depth=6, max_new_tokens=args.new_tokens, margin=CHOICE_MARGIN, device="cpu",
+                                           **settings)
+            choice, overhead = policy.choose(batch), policy.overhead[batch]
             shapes = {"adaptive": (choice.num_drafts, choice.depth), **{f"k{k} D{d}": (k, d) for k, d in FIXED_SHAPES}}
             rates = {name: [] for name in shapes}
             base_rates = []

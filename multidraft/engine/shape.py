@@ -28,7 +28,7 @@ import torch
 
 from .engine import Engine, autoregressive_generate, model_forward
 
-__all__ = ["Overhead", "ShapeChoice", "batch_efficiency_share", "calibrate_acceptance", "choose_shape",
+__all__ = ["AdaptiveEngine", "Overhead", "ShapeChoice", "ShapePolicy", "batch_efficiency_share", "calibrate_acceptance", "choose_shape",
            "expected_block_efficiency", "forward_ms", "measure_costs", "measure_overhead"]
 
 
@@ -208,3 +208,85 @@ def choose_shape(batch: int, costs: dict, acceptance: dict, max_depth: int | Non
     if best.depth == 0:  # report plain decoding's own prediction, not the bar
         best = ShapeChoice(0, 0, 1.0, plain, 1e3 * batch / plain)
     return best
+
+
+# ---- a policy measured once, an engine that follows it -----------------------------------------
+
+@dataclass(frozen=True)
+class ShapePolicy:
+    """Everything ``choose_shape`` needs, measured once for a model pair, a verifier and a
+    sampling setting, at a few batch sizes: ``ShapePolicy.calibrate(...)``, then
+    ``AdaptiveEngine(target, draft, policy)`` decodes each batch with the shape chosen for its
+    size (plain decoding where speculation is predicted to lose)."""
+
+    verifier: str
+    costs: dict  # measure_costs at every batch size of ``overhead``
+    acceptance: dict  # {k: per-depth acceptance}: calibrate_acceptance
+    request_efficiency: dict  # {k: per-request block efficiency}: its per_request part
+    overhead: dict  # {batch size: Overhead}
+    margin: float = 0.05
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return sorted(self.overhead)
+
+    def choose(self, batch: int) -> ShapeChoice:
+        """The shape for a batch of ``batch`` requests: ``choose_shape`` at the nearest measured
+        batch size (nearest in ratio, as costs scale with the batch: 12 is nearer 16 than 4),
+        whose predictions the choice carries."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+        nearest = min(self.batch_sizes, key=lambda b: abs(math.log(b / batch)))
+        return choose_shape(nearest, self.costs, self.acceptance, overhead_ms=self.overhead[nearest],
+                            margin=self.margin, request_efficiency=self.request_efficiency)
+
+    @classmethod
+    def calibrate(cls, target, draft, verifier: str, prompts, batch_sizes=(1, 4, 16, 64), ks=(1, 2, 4), max_depth: int = 6,
+                  max_new_tokens: int = 48, margin: float = 0.05, device=None, **generate_options) -> ShapePolicy:
+        """Measure forward costs and the engine's overhead at each batch size and the per-depth
+        acceptance for each k (on all of ``prompts``: acceptance does not depend on the batch
+        size, and more prompts give a steadier estimate).  ``generate_options`` (temperature,
+        top_k, top_p, seed) must be the ones the policy will decode with: acceptance depends on
+        them.  Needs at least max(batch_sizes) prompts; takes a few engine runs per k and per
+        batch size."""
+        batch_sizes = sorted(set(batch_sizes))
+        if not batch_sizes or batch_sizes[0] < 1:
+            raise ValueError(f"batch_sizes must be ints >= 1, got {batch_sizes!r}")
+        if len(prompts) < batch_sizes[-1]:
+            raise ValueError(f"calibrating at batch size {batch_sizes[-1]} needs as many prompts, got {len(prompts)}")
+        if max_depth < 2:
+            raise ValueError(f"max_depth must be >= 2 (the overhead is fitted from two depths), got {max_depth}")
+        # every forward a round of these shapes makes: target 1 + k*D tokens, draft 1 and k
+        tokens = sorted({1, *ks} | {1 + k * d for k in ks for d in range(1, max_depth + 1)})
+        costs = measure_costs(target, draft, batch_sizes, tokens, device=device or "cpu")
+        acceptance, spread = calibrate_acceptance(target, draft, verifier, list(ks), max_depth, prompts, max_new_tokens,
+                                                  device=device, per_request=True, **generate_options)
+        overhead = {b: measure_overhead(target, draft, verifier, prompts[:b], costs, depths=(1, min(4, max_depth)),
+                                        max_new_tokens=max_new_tokens, device=device, **generate_options)
+                    for b in batch_sizes}
+        return cls(verifier, costs, acceptance, spread, overhead, margin)
+
+
+class AdaptiveEngine:
+    """Speculative decoding whose shape follows the batch size: each ``generate`` asks the
+    policy for (k, D) at its batch size and runs ``Engine(target, draft, policy.verifier, k, D)``,
+    or plain decoding when the policy predicts that speculation loses (Su et al. 2023: the best
+    speculation length falls as the batch grows).  ``last_choice`` is the shape the last call used."""
+
+    def __init__(self, target, draft, policy: ShapePolicy, device=None):
+        if not isinstance(policy, ShapePolicy):
+            raise ValueError(f"policy must be a ShapePolicy (ShapePolicy.calibrate), got {type(policy).__name__}")
+        self.target, self.draft, self.policy, self.device = target, draft, policy, device
+        self.last_choice: ShapeChoice | None = None
+        self._engines: dict[tuple[int, int], Engine] = {}
+
+    def generate(self, prompt_ids, max_new_tokens: int, **options):
+        choice = self.policy.choose(len(prompt_ids))
+        self.last_choice = choice
+        if choice.depth == 0:
+            return autoregressive_generate(self.target, prompt_ids, max_new_tokens, device=self.device, **options)
+        shape = (choice.num_drafts, choice.depth)
+        if shape not in self._engines:
+            self._engines[shape] = Engine(self.target, self.draft, verifier=self.policy.verifier, num_drafts=shape[0],
+                                          depth=shape[1], device=self.device)
+        return self._engines[shape].generate(prompt_ids, max_new_tokens, **options)

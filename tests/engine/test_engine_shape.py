@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from multidraft.engine import GPT, Engine, GPTConfig, early_exit
+from multidraft.engine import GPT, Engine, GPTConfig, autoregressive_generate, early_exit
 from multidraft.engine.shape import (
+    AdaptiveEngine,
     Overhead,
+    ShapePolicy,
     batch_efficiency_share,
     calibrate_acceptance,
     choose_shape,
@@ -136,3 +138,55 @@ def test_calibration_can_return_per_request_efficiencies():
     acceptance, spread = calibrate_acceptance(target, draft, "rrs", ks=[2], max_depth=2, prompts=[[1, 2], [3], [4, 5, 6]],
                                               max_new_tokens=6, seed=0, device="cpu", per_request=True)
     assert len(acceptance[2]) == 2 and len(spread[2]) == 3 and all(1 <= e <= 3 for e in spread[2])
+
+
+def _policy(costs, acceptance, batches):
+    return ShapePolicy("rrs", costs, acceptance, {}, {b: Overhead(0.0, 0.0) for b in batches}, margin=0.0)
+
+
+def test_a_policy_chooses_by_the_nearest_measured_batch_size():
+    batches = [1, 16, 1024]
+    costs = synthetic_costs(batches, list(range(1, 26)))
+    acceptance = {1: [0.8] * 6, 2: [0.9] * 6, 4: [0.95] * 6}
+    policy = _policy(costs, acceptance, batches)
+    for batch, nearest in [(1, 1), (3, 1), (5, 16), (12, 16), (200, 1024), (5000, 1024)]:
+        assert policy.choose(batch) == choose_shape(nearest, costs, acceptance, margin=0.0), batch
+    assert policy.choose(1).depth > 0 and policy.choose(2000).depth == 0  # large batches decode plainly
+    with pytest.raises(ValueError, match="batch must be an int >= 1, got 0"):
+        policy.choose(0)
+
+
+def test_the_adaptive_engine_follows_its_policy_and_stays_exact_in_greedy():
+    torch.manual_seed(0)
+    target = GPT(GPTConfig(vocab_size=64, n_layer=2, dim=32, n_head=4)).eval()
+    draft = early_exit(target, 1)
+    prompts = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(1))
+    # Costs that make speculation pay at batch 1 and lose at batch 4.
+    costs = synthetic_costs([1, 4], list(range(1, 26)))
+    costs["target"].update({(4, t): 10.0 * t for t in range(1, 26)})
+    engine = AdaptiveEngine(target, draft, _policy(costs, {2: [0.9] * 3}, [1, 4]), device="cpu")
+    plain = autoregressive_generate(target, prompts, 10, temperature=0.0, device="cpu").tokens
+    one = engine.generate(prompts[:1], 10, temperature=0.0)
+    assert (engine.last_choice.num_drafts, engine.last_choice.depth) == (2, 3)
+    assert one.stats.draft_passes > 0 and torch.equal(one.tokens, plain[:1])
+    four = engine.generate(prompts, 10, temperature=0.0)
+    assert engine.last_choice.depth == 0 and four.stats.draft_passes == 0 and torch.equal(four.tokens, plain)
+    with pytest.raises(ValueError, match="policy must be a ShapePolicy"):
+        AdaptiveEngine(target, draft, {"k": 2})
+
+
+def test_a_policy_calibrates_on_a_real_pair():
+    torch.manual_seed(0)
+    target = GPT(GPTConfig(vocab_size=64, n_layer=2, dim=32, n_head=4)).eval()
+    draft = early_exit(target, 1)
+    prompts = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(2))
+    policy = ShapePolicy.calibrate(target, draft, "rrs", prompts, batch_sizes=[1, 4], ks=[1, 2], max_depth=3,
+                                   max_new_tokens=8, seed=0, device="cpu")
+    assert policy.batch_sizes == [1, 4] and set(policy.acceptance) == {1, 2}
+    assert all((b, 1 + 2 * 3) in policy.costs["target"] for b in (1, 4))  # the largest tree was timed
+    out = AdaptiveEngine(target, draft, policy, device="cpu").generate(prompts[:2], 5, seed=0)
+    assert out.tokens.shape == (2, 5)
+    with pytest.raises(ValueError, match="needs as many prompts"):
+        ShapePolicy.calibrate(target, draft, "rrs", prompts[:2], batch_sizes=[4])
+    with pytest.raises(ValueError, match="max_depth must be >= 2"):
+        ShapePolicy.calibrate(target, draft, "rrs", prompts, batch_sizes=[1], max_depth=1)
