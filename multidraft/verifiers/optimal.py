@@ -149,15 +149,23 @@ def _join_lengths(base: Tensor, sigma: Tensor, deficit: Tensor, group: Tensor, k
     return length
 
 
+def as_law(x: Tensor) -> Tensor:
+    """Rows [B, V] in float64, renormalized: the plan's arithmetic takes p and q to be exact
+    distributions, and float32 rows sum to 1 only within ~1e-6, which at large k moves q(T)^k
+    by more than the plan's tolerance (and a row off by that much is off in every verifier)."""
+    x = x.to(torch.float64)
+    return x / x.sum(dim=-1, keepdim=True)
+
+
 def optimal_plan(p: Tensor, q: Tensor, k: int, fused: bool | None = None) -> Plan:
     """Scales of a bid race whose winner law s has ``s <= p`` outside the optimal cut T* and
-    ``s >= p`` on it, and that law s (docs/verifiers/optimal.md, "Algorithm").
+    ``s >= p`` on it, and that law s (docs/verifiers/optimal.md, "Algorithm"), for the rows
+    of p and q renormalized in float64 (``as_law``).
 
     ``fused``: run the plan as a few sequential passes per row (``optimal_cpu``, numba; CPU
     only) instead of [B, V] tensor ops.  Default: fused on the CPU, tensor ops elsewhere.
     """
-    p = p.to(torch.float64)
-    q = q.to(torch.float64)
+    p, q = as_law(p), as_law(q)
     if k == 1:  # the only draft always wins: s = q
         return Plan(torch.ones_like(q), q.clone())
     ratio = (p / q).nan_to_num(nan=float("inf"))  # [B, V]; q = 0 gives inf
@@ -285,7 +293,7 @@ def _residual_draw(p64: Tensor, marginal: Tensor, generator, fused: bool | None)
 
     u = torch.rand(p64.shape[0], generator=generator, dtype=torch.float64)
     out = torch.empty(p64.shape[0], dtype=torch.long)
-    residual_draws(p64.contiguous().numpy(), marginal.contiguous().numpy(), u.numpy(), out.numpy())
+    residual_draws(p64.detach().contiguous().numpy(), marginal.contiguous().numpy(), u.numpy(), out.numpy())
     return out
 
 
@@ -312,8 +320,8 @@ class Optimal(Verifier):
     def _expected_acceptance(self, p, q, k):
         # The speculative step keeps the winner y with probability min(1, p(y)/s(y)), so the
         # acceptance is sum_y min(s(y), p(y)) for the plan's winner law s.
-        s = optimal_plan(p, q, k, self.fused).marginal.to(p.dtype)
-        return torch.minimum(s, p).sum(dim=-1)
+        s = optimal_plan(p, q, k, self.fused).marginal
+        return torch.minimum(s, as_law(p)).sum(dim=-1).to(p.dtype)
 
     def _draft(self, q, k, generator):
         return sample_categorical(q, k, generator)  # [B, k]
@@ -323,7 +331,7 @@ class Optimal(Verifier):
 
     def _kernel(self, p, q, drafts):
         plan = optimal_plan(p, q, drafts.shape[1], self.fused)
-        p64 = p.to(torch.float64)
+        p64 = as_law(p)
         win = race_win_probabilities(plan.scale.gather(1, drafts).log())  # [B, k]
         keep = _keep_probability(p64, plan.marginal, drafts)  # [B, k]
         kern = torch.zeros_like(p64).scatter_add_(1, drafts, win * keep)
@@ -332,7 +340,7 @@ class Optimal(Verifier):
 
     def _verify(self, p, q, drafts, generator):
         plan = optimal_plan(p, q, drafts.shape[1], self.fused)
-        p64 = p.to(torch.float64)
+        p64 = as_law(p)
         u = torch.rand(drafts.shape, generator=generator, device=p.device, dtype=torch.float64)
         bids = u * plan.scale.gather(1, drafts)  # [B, k]: U_i * phi(x_i)
         winner = drafts.gather(1, bids.argmax(dim=1, keepdim=True))  # [B, 1]
