@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import multidraft as md
 from multidraft.engine import GPT, GPTConfig, Engine, TableModel
 
 
@@ -94,3 +95,11 @@ def test_a_distinct_scheme_that_needs_more_tokens_than_top_k_leaves():
     engine = Engine(t4, TableModel.random(4, 2, seed=1), verifier="greedy", num_drafts=2, depth=1)
     with pytest.raises(ValueError, match="'greedy' needs >= 2 distinct drafts, but a row of q has only 1 tokens"):
         engine.generate([[1]], max_new_tokens=2, top_k=1, temperature=1.0, seed=0)
+
+
+def test_a_named_verifier_runs_unchecked_unless_asked():
+    target, draft = TableModel.random(4, 2, seed=0), TableModel.random(4, 2, seed=1)
+    assert not Engine(target, draft, verifier="rrs", device="cpu").verifier.validate_args
+    assert Engine(target, draft, verifier="rrs", device="cpu", validate_args=True).verifier.validate_args
+    given = md.get_verifier("rrs", validate_args=True)
+    assert Engine(target, draft, verifier=given, device="cpu").verifier is given  # an instance is used as given
