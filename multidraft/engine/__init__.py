@@ -12,9 +12,12 @@ from .gpt import GPT, GPTConfig, demo_pair, early_exit
 from .hf import HFModel
 from .models import CausalLM, TableModel
 from .sampling import SamplingConfig, logits_to_probs
+from .shape import AdaptiveEngine, ShapePolicy
 
 __all__ = [
     "Engine",
+    "AdaptiveEngine",
+    "ShapePolicy",
     "GenerationOutput",
     "GenerationStats",
     "KVCache",
