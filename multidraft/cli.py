@@ -142,22 +142,30 @@ def cmd_generate(args) -> int:
         draft2 = load_ngram(2)  # the Engine refuses it, naming both vocabularies, beside a draft of another V
     elif args.draft2 is not None:
         draft2 = HFModel.from_pretrained(args.draft2)
-    engine = Engine(target, draft, verifier=args.verifier, num_drafts=args.num_drafts, depth=args.depth, device=args.device,
-                    widths=args.widths, draft2=draft2, **options)
     prompt = args.prompt or [1]
     prompts = [prompt] * args.batch
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.adaptive:
+        engine = adaptive_engine(args, target, draft, prompt, options, draft2, sampling)
+    else:
+        engine = Engine(target, draft, verifier=args.verifier, num_drafts=args.num_drafts, depth=args.depth, device=args.device,
+                        widths=args.widths, draft2=draft2, **options)
     out = engine.generate(prompts, max_new_tokens=args.max_new_tokens, eos_token_id=args.eos, **sampling)
     s = out.stats
     print(f"{pair}; {engine!r}", file=sys.stderr)
     for b in range(out.tokens.shape[0]):
         ids = out.tokens[b, : int(out.lengths[b])].tolist()
         print(repr(decode(ids)) if decode is not None else " ".join(str(t) for t in ids))
-    shape = f"widths={','.join(map(str, engine.widths))}" if engine.widths else f"k={engine.num_drafts}  depth={engine.depth}"
-    print(f"\nverifier {engine.verifier.name}  {shape}  batch={args.batch}  T={args.temperature}")
+    if args.adaptive:
+        c = engine.last_choice
+        shape = f"adaptive: k={c.num_drafts}  depth={c.depth}" if c.depth else "adaptive: plain decoding (speculation predicted to lose)"
+    else:
+        shape = f"widths={','.join(map(str, engine.widths))}" if engine.widths else f"k={engine.num_drafts}  depth={engine.depth}"
+    print(f"\nverifier {args.verifier}  {shape}  batch={args.batch}  T={args.temperature}")
     staged = f"   draft2 passes {s.draft2_passes}" if draft2 is not None else ""
     print(f"block efficiency {s.block_efficiency:.3f} tokens/pass   target passes {s.target_passes}   draft passes {s.draft_passes}{staged}")
-    print("acceptance by depth " + " ".join(f"{a:.3f}" for a in s.acceptance_by_depth))
+    if s.acceptance_by_depth:  # plain decoding (an adaptive choice) has no depths
+        print("acceptance by depth " + " ".join(f"{a:.3f}" for a in s.acceptance_by_depth))
     print(f"{s.new_tokens} tokens in {s.seconds:.3f} s = {s.tokens_per_second:.1f} tokens/s")
     if args.compare:
         base = autoregressive_generate(target, prompts, args.max_new_tokens, eos_token_id=args.eos, device=engine.device, **sampling)
@@ -165,6 +173,31 @@ def cmd_generate(args) -> int:
         print(f"target alone: {b.new_tokens} tokens in {b.seconds:.3f} s = {b.tokens_per_second:.1f} tokens/s "
               f"(speedup {b.seconds / s.seconds * s.new_tokens / max(b.new_tokens, 1):.2f}x)")
     return 0
+
+
+ADAPTIVE_CALIBRATION_PROMPTS = 16  # acceptance is calibrated on at least this many prompts
+
+
+def adaptive_engine(args, target, draft, prompt, options, draft2, sampling):
+    """``--adaptive``: calibrate a ShapePolicy at the requested batch size, on held-out text for
+    the shipped pair and on copies of the prompt otherwise, and decode with the shape it picks."""
+    from .engine import AdaptiveEngine, ShapePolicy
+
+    if args.num_drafts is not None or args.depth is not None or args.widths is not None or draft2 is not None:
+        raise ValueError("--adaptive chooses num_drafts and depth itself; drop -k/--num-drafts, -d/--depth, --widths and --draft2")
+    if options:
+        raise ValueError("--adaptive runs the verifier with its default options; drop --verifier-option")
+    count = max(args.batch, ADAPTIVE_CALIBRATION_PROMPTS)
+    if args.target is None and args.pair == "shipped":
+        from .engine.pretrained import held_out_windows
+
+        calibration = held_out_windows(count, 16, seed=1)
+    else:
+        calibration = [prompt] * count
+    print(f"calibrating the shape policy at batch {args.batch} ...", file=sys.stderr)
+    policy = ShapePolicy.calibrate(target, draft, args.verifier, calibration, batch_sizes=[args.batch],
+                                   max_new_tokens=min(args.max_new_tokens, 32) or 1, device=args.device, **sampling)
+    return AdaptiveEngine(target, draft, policy, device=args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "bigram) or a local Hugging Face model directory")
     gen.add_argument("--widths", type=_widths, default=None, metavar="W1,W2,...",
                      help="a branching tree instead of sequences: W1 children at the root, W2 under each of them, ...")
+    gen.add_argument("--adaptive", action="store_true",
+                     help="choose num_drafts and depth for the batch size from measured costs and acceptance (calibrates first)")
     gen.add_argument("--max-new-tokens", "-n", type=int, default=32)
     gen.add_argument("--temperature", "-t", type=float, default=1.0, help="0 = greedy (default 1.0)")
     gen.add_argument("--top-k", type=int)

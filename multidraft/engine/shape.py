@@ -280,6 +280,10 @@ class AdaptiveEngine:
         self.last_choice: ShapeChoice | None = None
         self._engines: dict[tuple[int, int], Engine] = {}
 
+    def __repr__(self) -> str:
+        sizes = ", ".join(map(str, self.policy.batch_sizes))
+        return f"AdaptiveEngine(verifier={self.policy.verifier!r}, calibrated at batch sizes {sizes})"
+
     def generate(self, prompt_ids, max_new_tokens: int, **options):
         choice = self.policy.choose(len(prompt_ids))
         self.last_choice = choice

@@ -131,3 +131,10 @@ def test_cli_generate_verifier_options_are_literals(capsys):
     assert main(argv) == 0
     assert main(["generate", "--verifier-option", "oops", "-n", "3", "--device", "cpu"]) == 2
     assert "--verifier-option takes KEY=VALUE, got 'oops'" in capsys.readouterr().err
+
+
+def test_cli_generate_adaptive_chooses_a_shape(capsys):
+    out = generate_prints_plain_greedy(capsys, "--adaptive")
+    assert "verifier rrs  adaptive: " in out
+    assert main(["generate", "--adaptive", "-k", "2", "-n", "2", "--device", "cpu"]) == 2
+    assert "--adaptive chooses num_drafts and depth itself" in capsys.readouterr().err
