@@ -13,13 +13,13 @@ import torch
 import multidraft as md
 from multidraft.proofs.cases import CASES
 from multidraft.proofs.enumeration import all_tuples
-from multidraft.verifiers.optimal_cpu import join_lengths
 from multidraft.verifiers.optimal import (
     _join_lengths,
     optimal_plan,
     race_marginal,
     race_win_probabilities,
 )
+from multidraft.verifiers.optimal_cpu import join_lengths
 
 OPTIMAL_TOL = 1e-9  # acceptance against optimal_acceptance
 EXACT_TOL = 1e-12  # output law against p, by enumeration

@@ -185,7 +185,8 @@ def _runs_fused(fused: bool | None, device: torch.device) -> bool:
 
 
 def _fused_plan(p: Tensor, q: Tensor, order: Tensor, k: int) -> Plan:
-    from .optimal_cpu import plan_rows  # numba compiles (or loads its cache) on first use
+    # numba compiles the kernel, or loads it from its cache, on first use
+    from .optimal_cpu import plan_rows
 
     p_np, q_np = p.detach().contiguous().numpy(), q.detach().contiguous().numpy()
     scale, marginal = numpy.empty_like(p_np), numpy.empty_like(p_np)

@@ -28,7 +28,7 @@ import numpy
 
 from .optimal import MIN_LOG_SCALE, SEG_FLOOR
 
-_JIT = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+_JIT = {"cache": True, "nogil": True, "error_model": "numpy", "boundscheck": False}
 _SEG_RATIO = math.exp(-SEG_FLOOR)  # smallest ratio of consecutive scales inside a block
 _MIN_SCALE = math.exp(MIN_LOG_SCALE)  # floor on scales
 # Newton on the join equation, from an upper bound: a step below NEWTON_TOLERANCE * L ends it.
@@ -40,20 +40,21 @@ ROOT_FORM_STEPS = 30  # then in the k-th-root form: fast from far away
 @numba.njit(**_JIT)
 def _fmin(a, b):
     """min that ignores a nan argument (torch.fmin)."""
-    if a != a:
+    if math.isnan(a):
         return b
-    if b != b:
+    if math.isnan(b):
         return a
     return min(a, b)
 
 
 @numba.njit(**_JIT)
 def power(x, n):
-    """x**n for a small constant n >= 0."""
+    """x**n for a small int n >= 0, by repeated multiplication."""
     out = 1.0
     for _ in range(n):
         out *= x
     return out
+
 
 @numba.njit(**_JIT)
 def power_sum(a, b, k):
@@ -64,6 +65,7 @@ def power_sum(a, b, k):
         total = total * a + b_pow
     return total
 
+
 @numba.njit(**_JIT)
 def binomials(k):
     """C(k, 0..k), then room for join_length's coefficients a_j."""
@@ -71,6 +73,7 @@ def binomials(k):
     for n in range(1, k + 1):
         coef[n] = coef[n - 1] * (k - n + 1) / n
     return coef
+
 
 @numba.njit(**_JIT)
 def join_length(base, sigma, deficit, group, start, coef, k):
@@ -131,6 +134,7 @@ def join_length(base, sigma, deficit, group, start, coef, k):
         if step <= length * NEWTON_TOLERANCE:
             break
     return max(length, 0.0)
+
 
 @numba.njit(**_JIT)
 def plan_row(p, q, order, k, scale_out, marginal_out):
@@ -215,7 +219,7 @@ def plan_row(p, q, order, k, scale_out, marginal_out):
         ratio, drop = 1.0, 0.0
         if i == cut and cut > 0:  # T* starts SEG_FLOOR below H's lowest scale
             ratio, drop = _SEG_RATIO, 1 - _SEG_RATIO
-        elif left_prev > 0 and left == left:
+        elif left_prev > 0 and not math.isnan(left):
             kept = min(left, left_prev)
             ratio = max(kept / left_prev, _SEG_RATIO)
             drop = min((left_prev - kept) / left_prev, 1 - _SEG_RATIO)
@@ -251,11 +255,13 @@ def plan_row(p, q, order, k, scale_out, marginal_out):
         marginal_out[t] = qs[m] * acc
         scale_out[t] = scale[m]
 
+
 @numba.njit(**_JIT)
 def plan_rows(p, q, order, k, scale_out, marginal_out):
     """The plan of every row of p, q [B, V] (float64) given each row's ratio order [B, V]."""
     for b in range(p.shape[0]):
         plan_row(p[b], q[b], order[b], k, scale_out[b], marginal_out[b])
+
 
 @numba.njit(**_JIT)
 def join_lengths(base, sigma, deficit, group, start, k, out):

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from multidraft.engine import GPT, Engine, GPTConfig, autoregressive_generate, early_exit
+from multidraft.engine import (
+    GPT,
+    Engine,
+    GPTConfig,
+    autoregressive_generate,
+    early_exit,
+)
 from multidraft.engine.shape import (
     AdaptiveEngine,
     Overhead,
