@@ -220,3 +220,14 @@ def test_float32_inputs_reach_the_bound_of_their_rows(k, fused):
     torch.testing.assert_close(accept, md.proofs.optimal_acceptance(p64, q64, k), rtol=0, atol=OPTIMAL_TOL)
     verifier = md.get_verifier("optimal", fused=fused)
     torch.testing.assert_close(verifier.expected_acceptance(p, q, k).double(), accept, rtol=0, atol=1e-6)
+
+
+def test_without_numba_the_tensor_plan_serves(monkeypatch):
+    from multidraft.verifiers import optimal
+
+    monkeypatch.setattr(optimal, "_have_numba", lambda: False)
+    p, q = _llm_like(2, 300, seed=4, noise=1.0, scale=2.0)
+    plan = optimal_plan(p, q, 3)  # the default falls back to tensor ops
+    torch.testing.assert_close(plan.marginal, optimal_plan(p, q, 3, fused=False).marginal, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="needs numba"):
+        optimal_plan(p, q, 3, fused=True)

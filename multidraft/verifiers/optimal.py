@@ -19,6 +19,8 @@ p is the target law, q the draft law, drafts x_1..x_k i.i.d. from q.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from typing import NamedTuple
 
 import numpy
@@ -175,12 +177,20 @@ def optimal_plan(p: Tensor, q: Tensor, k: int, fused: bool | None = None) -> Pla
     return _tensor_plan(p, q, ratio, order, k)
 
 
+@functools.cache
+def _have_numba() -> bool:
+    return importlib.util.find_spec("numba") is not None
+
+
 def _runs_fused(fused: bool | None, device: torch.device) -> bool:
-    """Whether the plan and residual draw run in the fused CPU kernel (None: on the CPU)."""
+    """Whether the plan and residual draw run in the fused CPU kernel (None: on the CPU, when
+    numba is installed -- a dependency of the package, but the tensor plan serves without it)."""
     if fused is None:
-        return device.type == "cpu"
+        return device.type == "cpu" and _have_numba()
     if fused and device.type != "cpu":
         raise ValueError(f"the fused optimal plan runs on the CPU only, got tensors on {device}")
+    if fused and not _have_numba():
+        raise ValueError("the fused optimal plan needs numba (pip install numba); fused=False runs the tensor plan")
     return fused
 
 
