@@ -231,3 +231,16 @@ def test_without_numba_the_tensor_plan_serves(monkeypatch):
     torch.testing.assert_close(plan.marginal, optimal_plan(p, q, 3, fused=False).marginal, rtol=0, atol=0)
     with pytest.raises(ValueError, match="needs numba"):
         optimal_plan(p, q, 3, fused=True)
+
+
+def test_fused_rows_split_over_threads_give_the_same_plan():
+    p, q = _llm_like(5, 2000, seed=5, noise=1.0, scale=3.0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = optimal_plan(p, q, 3, fused=True)
+        torch.set_num_threads(3)  # 5 rows in chunks of 1-2, on three threads
+        split = optimal_plan(p, q, 3, fused=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one.scale, split.scale) and torch.equal(one.marginal, split.marginal)

@@ -19,6 +19,7 @@ p is the target law, q the draft law, drafts x_1..x_k i.i.d. from q.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import importlib.util
 from typing import NamedTuple
@@ -171,10 +172,9 @@ def optimal_plan(p: Tensor, q: Tensor, k: int, fused: bool | None = None) -> Pla
     if k == 1:  # the only draft always wins: s = q
         return Plan(torch.ones_like(q), q.clone())
     ratio = (p / q).nan_to_num(nan=float("inf"))  # [B, V]; q = 0 gives inf
-    order = _descending_order(ratio)  # [B, V] highest p/q first
     if _runs_fused(fused, p.device):
-        return _fused_plan(p, q, order, k)
-    return _tensor_plan(p, q, ratio, order, k)
+        return _fused_plan(p, q, ratio, k)
+    return _tensor_plan(p, q, ratio, _descending_order(ratio), k)
 
 
 @functools.cache
@@ -194,14 +194,35 @@ def _runs_fused(fused: bool | None, device: torch.device) -> bool:
     return fused
 
 
-def _fused_plan(p: Tensor, q: Tensor, order: Tensor, k: int) -> Plan:
+def _fused_plan(p: Tensor, q: Tensor, ratio: Tensor, k: int) -> Plan:
+    """The plan in the fused kernel, rows split over up to torch.get_num_threads() threads: the
+    sort and the kernel release the GIL, so the rows run in parallel the way torch's own ops
+    would (Python threads, not numba's threading layer, which is not safe under every fork and
+    threading setup)."""
     # numba compiles the kernel, or loads it from its cache, on first use
     from .optimal_cpu import plan_rows
 
     p_np, q_np = p.detach().contiguous().numpy(), q.detach().contiguous().numpy()
+    neg_ratio = ratio.detach().neg().numpy()
     scale, marginal = numpy.empty_like(p_np), numpy.empty_like(p_np)
-    plan_rows(p_np, q_np, order.contiguous().numpy(), k, scale, marginal)
+
+    def plan(rows: slice) -> None:
+        order = numpy.argsort(neg_ratio[rows], axis=-1)  # [b, V] highest p/q first
+        plan_rows(p_np[rows], q_np[rows], order, k, scale[rows], marginal[rows])
+
+    _over_row_chunks(plan, p_np.shape[0])
     return Plan(torch.from_numpy(scale), torch.from_numpy(marginal))
+
+
+def _over_row_chunks(fn, batch: int) -> None:
+    """fn(rows) for slices covering range(batch): one call, or one per thread for several rows."""
+    workers = min(batch, torch.get_num_threads())
+    if workers <= 1:
+        fn(slice(0, batch))
+        return
+    bounds = [batch * i // workers for i in range(workers + 1)]
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(fn, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]))
 
 
 def _tensor_plan(p: Tensor, q: Tensor, ratio: Tensor, order: Tensor, k: int) -> Plan:
