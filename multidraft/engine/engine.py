@@ -832,11 +832,12 @@ class Engine:
 
 @torch.no_grad()
 def autoregressive_generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
-                            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                            top_k: int | None = None, top_p: float | None = None, seed: int | list[int] | None = None,
                             eos_token_id: int | None = None, device: str | torch.device | None = None) -> GenerationOutput:
     """Target-only decoding, one forward per token, with the engine's own cache, masks and
     sampling transform: the baseline speculative decoding is measured against (same arguments
-    and output as ``Engine.generate``; ``stats.block_efficiency`` is 1)."""
+    and output as ``Engine.generate``, per-request seeds included; ``stats.block_efficiency``
+    is 1)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     vocab = _check_vocab("model", model)
@@ -850,7 +851,8 @@ def autoregressive_generate(model, prompt_ids, max_new_tokens: int, temperature:
     bsz, t_max, n = prompts.shape[0], prompts.shape[1], max_new_tokens
     stats = GenerationStats()
     started = time.perf_counter()
-    generator = seeded_generator(device, seed)
+    random = RequestRandom(device, seed, bsz)
+    every = torch.arange(bsz, device=device)
     cache = model.new_cache(bsz, t_max + n + 1, device)
     seq = torch.zeros(bsz, t_max + n + 2, dtype=torch.long, device=device)  # last column: trash
     seq[:, :t_max] = prompts
@@ -863,7 +865,7 @@ def autoregressive_generate(model, prompt_ids, max_new_tokens: int, temperature:
         logits = model_forward(model, cache, ids, pos, pending_rows(valid))  # [B, P, V]
         last = (count - 1).view(-1, 1, 1).expand(-1, 1, logits.shape[-1])
         probs = logits_to_probs(logits.gather(1, last).squeeze(1), sampling)  # [B, V]
-        token = sample_from_weights(probs, generator)  # greedy: p is one-hot at the argmax
+        token = random.draw(sample_from_weights, every, probs)  # greedy: p is one-hot at the argmax
         cache.commit(torch.arange(valid.shape[1], device=device).expand(bsz, -1), torch.where(active, count, no_accept))
         generated_before = seq_len - prompt_len
         append_tokens(seq, seq_len, token.unsqueeze(1), no_accept, active)

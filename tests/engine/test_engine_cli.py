@@ -42,6 +42,11 @@ def test_autoregressive_sampling_is_seeded():
     target, _ = small_pair()
     a, b, c = (autoregressive_generate(target, PROMPTS, 8, top_k=20, seed=s, device="cpu").tokens for s in (1, 1, 2))
     assert torch.equal(a, b) and not torch.equal(a, c)
+    # per-request seeds, as Engine.generate takes them: a batch gives what each request gives alone
+    batch = autoregressive_generate(target, PROMPTS, 8, top_k=20, seed=[5, 6, 7], device="cpu").tokens
+    for i, s in enumerate([5, 6, 7]):
+        alone = autoregressive_generate(target, PROMPTS[i : i + 1], 8, top_k=20, seed=[s], device="cpu").tokens
+        assert torch.equal(batch[i : i + 1], alone)
 
 
 def test_early_exit_shares_the_first_layers_and_head():

@@ -177,6 +177,8 @@ def test_the_adaptive_engine_follows_its_policy_and_stays_exact_in_greedy():
     assert one.stats.draft_passes > 0 and torch.equal(one.tokens, plain[:1])
     four = engine.generate(prompts, 10, temperature=0.0)
     assert engine.last_choice.depth == 0 and four.stats.draft_passes == 0 and torch.equal(four.tokens, plain)
+    seeded = engine.generate(prompts, 6, seed=[1, 2, 3, 4])  # per-request seeds work either way
+    assert seeded.tokens.shape == (4, 6) and engine.last_choice.depth == 0
     with pytest.raises(ValueError, match="policy must be a ShapePolicy"):
         AdaptiveEngine(target, draft, {"k": 2})
 
