@@ -285,7 +285,9 @@ class AdaptiveEngine:
         return f"AdaptiveEngine(verifier={self.policy.verifier!r}, calibrated at batch sizes {sizes})"
 
     def generate(self, prompt_ids, max_new_tokens: int, **options):
-        choice = self.policy.choose(len(prompt_ids))
+        # a LongTensor [T] is one request, as Engine.generate reads it
+        one = isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() == 1
+        choice = self.policy.choose(1 if one else len(prompt_ids))
         self.last_choice = choice
         if choice.depth == 0:
             return autoregressive_generate(self.target, prompt_ids, max_new_tokens, device=self.device, **options)

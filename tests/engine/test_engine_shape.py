@@ -175,6 +175,8 @@ def test_the_adaptive_engine_follows_its_policy_and_stays_exact_in_greedy():
     one = engine.generate(prompts[:1], 10, temperature=0.0)
     assert (engine.last_choice.num_drafts, engine.last_choice.depth) == (2, 3)
     assert one.stats.draft_passes > 0 and torch.equal(one.tokens, plain[:1])
+    flat = engine.generate(prompts[0], 10, temperature=0.0)  # a LongTensor [T] is one request, not T of them
+    assert engine.last_choice.depth == 3 and torch.equal(flat.tokens, plain[:1])
     four = engine.generate(prompts, 10, temperature=0.0)
     assert engine.last_choice.depth == 0 and four.stats.draft_passes == 0 and torch.equal(four.tokens, plain)
     seeded = engine.generate(prompts, 6, seed=[1, 2, 3, 4])  # per-request seeds work either way
