@@ -168,7 +168,11 @@ def optimal_plan(p: Tensor, q: Tensor, k: int, fused: bool | None = None) -> Pla
     ``fused``: run the plan as a few sequential passes per row (``optimal_cpu``, numba; CPU
     only) instead of [B, V] tensor ops.  Default: fused on the CPU, tensor ops elsewhere.
     """
-    p, q = as_law(p), as_law(q)
+    return _plan_of_laws(as_law(p), as_law(q), k, fused)
+
+
+def _plan_of_laws(p: Tensor, q: Tensor, k: int, fused: bool | None) -> Plan:
+    """``optimal_plan`` for rows already renormalized in float64 (``as_law``)."""
     if k == 1:  # the only draft always wins: s = q
         return Plan(torch.ones_like(q), q.clone())
     ratio = (p / q).nan_to_num(nan=float("inf"))  # [B, V]; q = 0 gives inf
@@ -203,11 +207,10 @@ def _fused_plan(p: Tensor, q: Tensor, ratio: Tensor, k: int) -> Plan:
     from .optimal_cpu import plan_rows
 
     p_np, q_np = p.detach().contiguous().numpy(), q.detach().contiguous().numpy()
-    neg_ratio = ratio.detach().neg().numpy()
     scale, marginal = numpy.empty_like(p_np), numpy.empty_like(p_np)
 
     def plan(rows: slice) -> None:
-        order = numpy.argsort(neg_ratio[rows], axis=-1)  # [b, V] highest p/q first
+        order = _descending_order(ratio[rows]).numpy()  # [b, V] highest p/q first
         plan_rows(p_np[rows], q_np[rows], order, k, scale[rows], marginal[rows])
 
     _over_row_chunks(plan, p_np.shape[0])
@@ -352,8 +355,9 @@ class Optimal(Verifier):
     def _expected_acceptance(self, p, q, k):
         # The speculative step keeps the winner y with probability min(1, p(y)/s(y)), so the
         # acceptance is sum_y min(s(y), p(y)) for the plan's winner law s.
-        s = optimal_plan(p, q, k, self.fused).marginal
-        return torch.minimum(s, as_law(p)).sum(dim=-1).to(p.dtype)
+        p64 = as_law(p)
+        s = _plan_of_laws(p64, as_law(q), k, self.fused).marginal
+        return torch.minimum(s, p64).sum(dim=-1).to(p.dtype)
 
     def _draft(self, q, k, generator):
         return sample_categorical(q, k, generator)  # [B, k]
@@ -362,8 +366,8 @@ class Optimal(Verifier):
         return q.gather(1, drafts).prod(dim=1)  # [B]
 
     def _kernel(self, p, q, drafts):
-        plan = optimal_plan(p, q, drafts.shape[1], self.fused)
         p64 = as_law(p)
+        plan = _plan_of_laws(p64, as_law(q), drafts.shape[1], self.fused)
         win = race_win_probabilities(plan.scale.gather(1, drafts).log())  # [B, k]
         keep = _keep_probability(p64, plan.marginal, drafts)  # [B, k]
         kern = torch.zeros_like(p64).scatter_add_(1, drafts, win * keep)
@@ -371,8 +375,8 @@ class Optimal(Verifier):
         return (kern + rejected * _residual(p64, plan.marginal)).to(p.dtype)
 
     def _verify(self, p, q, drafts, generator):
-        plan = optimal_plan(p, q, drafts.shape[1], self.fused)
         p64 = as_law(p)
+        plan = _plan_of_laws(p64, as_law(q), drafts.shape[1], self.fused)
         u = torch.rand(drafts.shape, generator=generator, device=p.device, dtype=torch.float64)
         bids = u * plan.scale.gather(1, drafts)  # [B, k]: U_i * phi(x_i)
         winner = drafts.gather(1, bids.argmax(dim=1, keepdim=True))  # [B, 1]
