@@ -19,7 +19,7 @@ from multidraft.verifiers.optimal import (
     race_marginal,
     race_win_probabilities,
 )
-from multidraft.verifiers.optimal_cpu import join_lengths
+from multidraft.verifiers.optimal_cpu import descending_ratio_order, join_lengths
 
 OPTIMAL_TOL = 1e-9  # acceptance against optimal_acceptance
 EXACT_TOL = 1e-12  # output law against p, by enumeration
@@ -244,3 +244,32 @@ def test_fused_rows_split_over_threads_give_the_same_plan():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one.scale, split.scale) and torch.equal(one.marginal, split.marginal)
+
+
+def _ratio_rows():
+    """Rows of p/q that stress the fused plan's radix sort: ties, 0 and inf, near-equal values
+    the key cannot tell apart, and outliers that stretch the key's range."""
+    g = torch.Generator().manual_seed(6)
+    p, q = _llm_like(1, 5000, seed=6, noise=1.0, scale=3.0)
+    dense = (p / q)[0]
+    tied = dense.clone()
+    tied[::3] = tied[0]  # one value a third of the row
+    tied[1::7] = 0.0
+    tied[2::11] = float("inf")
+    near = 1 + 1e-13 * torch.randn(5000, generator=g, dtype=torch.float64)  # p == q up to rounding
+    outliers = dense.clone()
+    outliers[:3] = torch.tensor([1e-300, 1e300, 5e-324], dtype=torch.float64)  # the key resolves little else
+    unresolved = near.clone()  # all but two share one key: the insertion pass gives up, a full sort runs
+    unresolved[:2] = torch.tensor([1e-300, 1e300], dtype=torch.float64)
+    small = torch.rand(7, generator=g, dtype=torch.float64)
+    return [dense, tied, near, outliers, unresolved, small, torch.zeros(4, dtype=torch.float64),
+            torch.ones(1, dtype=torch.float64)]
+
+
+@pytest.mark.parametrize("row", range(8))
+def test_fused_ratio_sort_orders_exactly(row):
+    ratio = _ratio_rows()[row].contiguous()
+    order = torch.empty(ratio.shape, dtype=torch.long)
+    descending_ratio_order(ratio.numpy(), order.numpy())
+    assert torch.equal(order.sort().values, torch.arange(ratio.numel()))  # a permutation
+    assert torch.equal(ratio[order], ratio.sort(descending=True).values)  # in exact order

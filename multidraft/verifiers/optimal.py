@@ -175,9 +175,9 @@ def _plan_of_laws(p: Tensor, q: Tensor, k: int, fused: bool | None) -> Plan:
     """``optimal_plan`` for rows already renormalized in float64 (``as_law``)."""
     if k == 1:  # the only draft always wins: s = q
         return Plan(torch.ones_like(q), q.clone())
-    ratio = (p / q).nan_to_num(nan=float("inf"))  # [B, V]; q = 0 gives inf
     if _runs_fused(fused, p.device):
-        return _fused_plan(p, q, ratio, k)
+        return _fused_plan(p, q, k)
+    ratio = (p / q).nan_to_num(nan=float("inf"))  # [B, V]; q = 0 gives inf
     return _tensor_plan(p, q, ratio, _descending_order(ratio), k)
 
 
@@ -198,11 +198,11 @@ def _runs_fused(fused: bool | None, device: torch.device) -> bool:
     return fused
 
 
-def _fused_plan(p: Tensor, q: Tensor, ratio: Tensor, k: int) -> Plan:
-    """The plan in the fused kernel, rows split over up to torch.get_num_threads() threads: the
-    sort and the kernel release the GIL, so the rows run in parallel the way torch's own ops
-    would (Python threads, not numba's threading layer, which is not safe under every fork and
-    threading setup)."""
+def _fused_plan(p: Tensor, q: Tensor, k: int) -> Plan:
+    """The plan in the fused kernel (its own ratio sort included), rows split over up to
+    torch.get_num_threads() threads: the kernel releases the GIL, so the rows run in parallel
+    the way torch's own ops would (Python threads, not numba's threading layer, which is not
+    safe under every fork and threading setup)."""
     # numba compiles the kernel, or loads it from its cache, on first use
     from .optimal_cpu import plan_rows
 
@@ -210,8 +210,7 @@ def _fused_plan(p: Tensor, q: Tensor, ratio: Tensor, k: int) -> Plan:
     scale, marginal = numpy.empty_like(p_np), numpy.empty_like(p_np)
 
     def plan(rows: slice) -> None:
-        order = _descending_order(ratio[rows]).numpy()  # [b, V] highest p/q first
-        plan_rows(p_np[rows], q_np[rows], order, k, scale[rows], marginal[rows])
+        plan_rows(p_np[rows], q_np[rows], k, scale[rows], marginal[rows])
 
     _over_row_chunks(plan, p_np.shape[0])
     return Plan(torch.from_numpy(scale), torch.from_numpy(marginal))
