@@ -31,11 +31,11 @@ import numpy
 
 from .optimal import MIN_LOG_SCALE, SEG_FLOOR
 
-_JIT = {"cache": True, "nogil": True, "error_model": "numpy", "boundscheck": False}
+_JIT = {"fastmath": {"contract"}, "cache": True, "nogil": True, "error_model": "numpy", "boundscheck": False}
 _SEG_RATIO = math.exp(-SEG_FLOOR)  # smallest ratio of consecutive scales inside a block
 _MIN_SCALE = math.exp(MIN_LOG_SCALE)  # floor on scales
 # Newton on the join equation, from an upper bound: a step below NEWTON_TOLERANCE * L ends it.
-NEWTON_TOLERANCE = 1e-7
+NEWTON_TOLERANCE = 1e-12
 POLYNOMIAL_STEPS = 6  # in powers of L: fast from a warm start
 ROOT_FORM_STEPS = 30  # then in the k-th-root form: fast from far away
 
@@ -84,39 +84,52 @@ def join_length(base, sigma, deficit, group, start, coef, k):
 
     The left side less the right, ``f(L) = L (a1 + a2 L + ... + a_k L^(k-1)) - deficit``
     with ``a1 = k base^(k-1) - sigma`` and ``a_j = C(k, j) base^(k-j) >= 0`` for j >= 2,
-    is convex, so Newton from any point right of the root falls monotonically to it.  The
-    start is the smallest of three upper bounds: the group's length, the root of the
-    quadratic part (the terms past a2 are >= 0; it is the root for k = 2), and ``start``,
-    the previous join's length (join levels descend down a block: docs/verifiers/
-    optimal.md, step D).  Consecutive positions join at nearby levels, so one or two steps
-    usually end it.  In powers of L every term but a1 is >= 0, so small lengths keep their
+    is convex, so Newton from any point right of the root falls monotonically to it.  It
+    starts from ``start``, an upper bound the caller knows (the previous join's length: join
+    levels descend down a block, docs/verifiers/optimal.md, step D), which is usually close
+    to the root; only when that is no better than the group's length does it first take the
+    root of the quadratic part, also an upper bound (the terms past a2 are >= 0) and the root
+    itself for k = 2.  In powers of L every term but a1 is >= 0, so small lengths keep their
     relative precision.  ``coef``: C(k, j) for j = 0..k, then scratch for the a_j.
+
+    A Newton step s from x0 leaves an error e1 = f''(xi) e0^2 / (2 f'(x0)) with e0 = s + e1
+    and xi in [root, x0]; f'' grows with L, so e1 <= c (s + e1)^2 with c = f''(x0) / (2 f'(x0)),
+    hence e1 <= 1.5 c s^2 when c s <= 1/8.  The solver stops as soon as that bound is below
+    NEWTON_TOLERANCE * L: from a warm start, usually after the first step.
     """
-    a2 = k * (k - 1) / 2 * power(base, k - 2)
     a1 = k * power(base, k - 1) - sigma
-    disc = math.sqrt(a1 * a1 + 4 * a2 * deficit)
-    # the positive root of a2 L^2 + a1 L = deficit, cancellation-free for either sign of a1
-    quad = 2 * deficit / (a1 + disc) if a1 >= 0 else (disc - a1) / (2 * a2)
-    length = _fmin(group, quad)
-    if k == 2 or not length > 0:
-        return length
-    length = min(length, start)
+    if k == 2 or not 0 < start < group:
+        a2 = k * (k - 1) / 2 * power(base, k - 2)
+        disc = math.sqrt(a1 * a1 + 4 * a2 * deficit)
+        # the positive root of a2 L^2 + a1 L = deficit, cancellation-free for either sign of a1
+        quad = 2 * deficit / (a1 + disc) if a1 >= 0 else (disc - a1) / (2 * a2)
+        length = _fmin(group, quad)
+        if k == 2 or not length > 0:
+            return length
+    else:
+        length = start
     base_pow = 1.0
     for j in range(k, 1, -1):
         coef[k + 1 + j] = coef[j] * base_pow
         base_pow *= base
     for _ in range(POLYNOMIAL_STEPS):
-        f, df = coef[2 * k + 1], k * coef[2 * k + 1]  # Horner from a_k
+        top = coef[2 * k + 1]  # Horner from a_k for f, f', f''
+        f, df, ddf = top, k * top, k * (k - 1) * top
         for j in range(k - 1, 1, -1):
-            f = f * length + coef[k + 1 + j]
-            df = df * length + j * coef[k + 1 + j]
+            c = coef[k + 1 + j]
+            f = f * length + c
+            df = df * length + j * c
+            ddf = ddf * length + j * (j - 1) * c
         f = (f * length + a1) * length - deficit
         df = df * length + a1
         if not f > 0 or not df > 0:
             return max(length, 0.0)
-        step = f / df
+        inv = 1 / df
+        newton = f * inv
+        curve = 0.5 * ddf * inv * newton  # c s, c = f'' / (2 f')
+        step = newton * (1 + curve * (1 + curve))  # Halley's s / (1 - c s), to O((c s)^3)
         length -= step
-        if step <= length * NEWTON_TOLERANCE:  # quadratic convergence: the error left is ~ step^2
+        if curve <= 0.1 and 2 * curve * curve * step <= length * NEWTON_TOLERANCE:
             return max(length, 0.0)
     # Still far from the root (a cold start for a large k, where the polynomial's Newton
     # steps shrink L only by ~1/k): Newton on the k-th-root form, nearly linear, as the
@@ -305,21 +318,29 @@ def plan_row(p, q, k, scale_out, marginal_out):
     phi = numpy.empty(vocab)  # the scales as multiplied, before the floor
     gap = numpy.empty(vocab)  # 1 - phi_i / phi_{i-1}
     s_acc = left_prev = 0.0
+    sigma_prev = -1.0
     running = 1.0
     coef = binomials(k)
     for i in range(vocab):
         if i == cut:
             s_acc = left_prev = 0.0
-        target = ps[i]
-        if i < j:
-            target = min(ps[i], cap * qs[i])
-        if i >= cut:
-            target = max(ps[i], floor * qs[i])
-        sigma = target / qs[i] if qs[i] > 0 else 0.0
-        top = top_h if i < cut else a
-        base = top - q_group[i]
-        deficit = max(q_group[i] * power_sum(top, base, k) - s_acc, 0.0)
-        left = join_length(base, sigma, deficit, q_group[i], left_prev, coef, k)
+        # sigma is cap (floor) itself on the capped (floored) positions, so that a run of them
+        # is seen to share it: such a position joins at the group's current level
+        target, sigma = ps[i], rs[i]
+        if i < j and cap * qs[i] < ps[i]:
+            target, sigma = cap * qs[i], cap
+        if i >= cut and floor * qs[i] > ps[i]:
+            target, sigma = floor * qs[i], floor
+        if not qs[i] > 0:
+            sigma = 0.0
+        if sigma == sigma_prev and left_prev > 0 and i != cut:  # F_i(l_i) = 0: the root is l_i
+            left = left_prev
+        else:
+            top = top_h if i < cut else a
+            base = top - q_group[i]
+            deficit = max(q_group[i] * power_sum(top, base, k) - s_acc, 0.0)
+            left = join_length(base, sigma, deficit, q_group[i], left_prev, coef, k)
+        sigma_prev = sigma
         s_acc += target
         ratio, drop = 1.0, 0.0
         if i == cut and cut > 0:  # T* starts SEG_FLOOR below H's lowest scale
