@@ -7,8 +7,10 @@ the root solver, and large vocabularies where enumeration is impossible.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from chisquare import SAMPLES, assert_law
 
 import multidraft as md
 from multidraft.proofs.cases import CASES
@@ -273,3 +275,19 @@ def test_fused_ratio_sort_orders_exactly(row):
     descending_ratio_order(ratio.numpy(), order.numpy())
     assert torch.equal(order.sort().values, torch.arange(ratio.numel()))  # a permutation
     assert torch.equal(ratio[order], ratio.sort(descending=True).values)  # in exact order
+
+
+@pytest.mark.parametrize("fused", PLANS)
+@pytest.mark.parametrize("rows", [torch.float64, torch.float32])
+def test_verify_follows_the_kernel_on_both_paths(fused, rows):
+    """The fused verify (plan, race, coin and residual draw in one kernel call per row) and the
+    tensor one each sample the kernel of their own plan, given float64 or float32 rows."""
+    p, q = CASES["v6-dirichlet-a"]
+    verifier = md.get_verifier("optimal", fused=fused)
+    tuples, prob, kernels = md.proofs.enumeration.tuple_kernels(verifier, p, q, 3)
+    pick = int(torch.argmax(prob * (1 - kernels.max(1).values)))  # a likely tuple with a random verdict
+    drafts = tuples[pick].unsqueeze(0).expand(SAMPLES, -1).contiguous()
+    tile = lambda x: x.to(rows).unsqueeze(0).expand(SAMPLES, -1).contiguous()  # noqa: E731
+    verdict = verifier.verify(tile(p), tile(q), drafts, generator=torch.Generator().manual_seed(11))
+    counts = np.bincount(verdict.token.numpy(), minlength=p.shape[0])
+    assert_law(counts, kernels[pick].numpy(), f"optimal(fused={fused}) verify on {rows}, drafts {tuples[pick].tolist()}")

@@ -414,24 +414,80 @@ def join_lengths(base, sigma, deficit, group, start, k, out):
 
 
 @numba.njit(**_JIT)
-def residual_draws(p, marginal, u, out):
-    """out[b] ~ normalize(max(p - s, 0)) of row b (p where that has no mass), by inverse CDF
-    with the uniform u[b] in [0, 1): a token of weight 0 is never returned."""
-    for b in range(p.shape[0]):
+def residual_draw(p, marginal, u):
+    """A token from normalize(max(p - s, 0)) (p where that has no mass), by inverse CDF with
+    the uniform u in [0, 1): a token of weight 0 is never returned."""
+    mass = 0.0
+    for t in range(p.shape[0]):
+        mass += max(p[t] - marginal[t], 0.0)
+    use_p = not mass > 0  # reached with probability 0: the kernel falls back to p there too
+    if use_p:
         mass = 0.0
-        for t in range(p.shape[1]):
-            mass += max(p[b, t] - marginal[b, t], 0.0)
-        use_p = not mass > 0  # reached with probability 0: the kernel falls back to p there too
-        if use_p:
-            mass = 0.0
-            for t in range(p.shape[1]):
-                mass += p[b, t]
-        goal, acc, last = u[b] * mass, 0.0, -1
-        for t in range(p.shape[1]):
-            weight = p[b, t] if use_p else max(p[b, t] - marginal[b, t], 0.0)
-            if weight > 0:
-                acc += weight
-                last = t
-                if acc > goal:
-                    break
-        out[b] = last  # the last positive weight if rounding left acc <= goal
+        for t in range(p.shape[0]):
+            mass += p[t]
+    goal, acc, last = u * mass, 0.0, -1
+    for t in range(p.shape[0]):
+        weight = p[t] if use_p else max(p[t] - marginal[t], 0.0)
+        if weight > 0:
+            acc += weight
+            last = t
+            if acc > goal:
+                break
+    return last  # the last positive weight if rounding left acc <= goal
+
+
+@numba.njit(**_JIT)
+def residual_draws(p, marginal, u, out):
+    """out[b] = residual_draw of row b with the uniform u[b]."""
+    for b in range(p.shape[0]):
+        out[b] = residual_draw(p[b], marginal[b], u[b])
+
+
+@numba.njit(inline="always", **_JIT)
+def verify_row(p, q, drafts, u, k, out):
+    """One node's verdict token: the plan, the bid race, the keep coin and, on rejection, the
+    residual draw, as ``Optimal._verify`` does with tensors.  p, q: the rows as given (any
+    float dtype), renormalized here in float64 like ``optimal.as_law``; drafts [k]; u [k + 2]:
+    the k bids' uniforms, the coin, the residual's uniform."""
+    vocab = p.shape[0]
+    p64, q64 = numpy.empty(vocab), numpy.empty(vocab)
+    p_sum = q_sum = 0.0
+    for t in range(vocab):
+        p64[t], q64[t] = p[t], q[t]
+        p_sum += p64[t]
+        q_sum += q64[t]
+    for t in range(vocab):
+        p64[t] /= p_sum
+        q64[t] /= q_sum
+    scale, marginal = numpy.empty(vocab), numpy.empty(vocab)
+    plan_row(p64, q64, k, scale, marginal)
+    winner, best = drafts[0], -1.0
+    for i in range(k):  # the highest bid U_i phi(x_i) wins
+        bid = u[i] * scale[drafts[i]]
+        if bid > best:
+            winner, best = drafts[i], bid
+    keep = 1.0
+    if marginal[winner] > p64[winner]:
+        keep = p64[winner] / marginal[winner]
+    out[0] = winner if u[k] < keep else residual_draw(p64, marginal, u[k + 1])
+
+
+@numba.njit(**_JIT)
+def _verify_rows_any_k(p, q, drafts, u, out):
+    for b in range(p.shape[0]):
+        verify_row(p[b], q[b], drafts[b], u[b], drafts.shape[1], out[b : b + 1])
+
+
+@numba.njit(**_JIT)
+def _verify_rows_two(p, q, drafts, u, out):
+    for b in range(p.shape[0]):  # k = 2 a constant, as in _plan_rows_two
+        verify_row(p[b], q[b], drafts[b], u[b], 2, out[b : b + 1])
+
+
+def verify_rows(p, q, drafts, u, out):
+    """The verdict token of every row: p, q [B, V] (float32 or float64), drafts [B, k] (int64),
+    u [B, k + 2] uniforms (float64), out [B] (int64)."""
+    if drafts.shape[1] == 2:
+        _verify_rows_two(p, q, drafts, u, out)
+    else:
+        _verify_rows_any_k(p, q, drafts, u, out)
