@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import importlib.util
+import threading
 from typing import NamedTuple
 
 import numpy
@@ -209,22 +210,44 @@ def _fused_plan(p: Tensor, q: Tensor, k: int) -> Plan:
     p_np, q_np = p.detach().contiguous().numpy(), q.detach().contiguous().numpy()
     scale, marginal = numpy.empty_like(p_np), numpy.empty_like(p_np)
 
-    def plan(rows: slice) -> None:
-        plan_rows(p_np[rows], q_np[rows], k, scale[rows], marginal[rows])
+    def plan(rows: slice, work: numpy.ndarray) -> None:
+        plan_rows(p_np[rows], q_np[rows], k, scale[rows], marginal[rows], work)
 
-    _over_row_chunks(plan, p_np.shape[0])
+    _over_row_chunks(plan, p_np.shape[0], p_np.shape[1])
     return Plan(torch.from_numpy(scale), torch.from_numpy(marginal))
 
 
-def _over_row_chunks(fn, batch: int) -> None:
-    """fn(rows) for slices covering range(batch): one call, or one per thread for several rows."""
+class _Workspaces(threading.local):
+    """The fused kernel's scratch (``optimal_cpu.workspace``), kept per calling thread for the
+    last vocabulary size seen, one per chunk of rows, so that calls reuse warm memory."""
+
+    def __init__(self):
+        self.vocab, self.spaces = -1, []
+
+    def get(self, vocab: int, count: int) -> list[numpy.ndarray]:
+        from .optimal_cpu import workspace
+
+        if vocab != self.vocab:
+            self.vocab, self.spaces = vocab, []
+        while len(self.spaces) < count:
+            self.spaces.append(workspace(vocab))
+        return self.spaces[:count]
+
+
+_WORKSPACES = _Workspaces()
+
+
+def _over_row_chunks(fn, batch: int, vocab: int) -> None:
+    """fn(rows, work) for slices covering range(batch), each with its own scratch: one call, or
+    one per thread for several rows."""
     workers = min(batch, torch.get_num_threads())
+    spaces = _WORKSPACES.get(vocab, max(workers, 1))
     if workers <= 1:
-        fn(slice(0, batch))
+        fn(slice(0, batch), spaces[0])
         return
     bounds = [batch * i // workers for i in range(workers + 1)]
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        list(pool.map(fn, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]))
+        list(pool.map(fn, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])], spaces))
 
 
 def _tensor_plan(p: Tensor, q: Tensor, ratio: Tensor, order: Tensor, k: int) -> Plan:
@@ -345,7 +368,10 @@ def _fused_verify(p: Tensor, q: Tensor, drafts: Tensor, generator) -> Verdict:
     u = torch.rand((drafts.shape[0], drafts.shape[1] + 2), generator=generator, dtype=torch.float64).numpy()
     token = torch.empty(drafts.shape[0], dtype=torch.long)
     out = token.numpy()
-    _over_row_chunks(lambda rows: verify_rows(p_np[rows], q_np[rows], d_np[rows], u[rows], out[rows]), drafts.shape[0])
+    def verify(rows: slice, work: numpy.ndarray) -> None:
+        verify_rows(p_np[rows], q_np[rows], d_np[rows], u[rows], out[rows], work)
+
+    _over_row_chunks(verify, drafts.shape[0], p_np.shape[1])
     return Verdict(token, first_match(drafts, token))
 
 

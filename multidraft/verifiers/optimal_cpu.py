@@ -38,6 +38,8 @@ _MIN_SCALE = math.exp(MIN_LOG_SCALE)  # floor on scales
 NEWTON_TOLERANCE = 1e-12
 POLYNOMIAL_STEPS = 6  # in powers of L: fast from a warm start
 ROOT_FORM_STEPS = 30  # then in the k-th-root form: fast from far away
+PLAN_WORK_ROWS = 12  # scratch rows of V + 1 doubles for one row's plan (see plan_row)
+WORK_ROWS = PLAN_WORK_ROWS + 4  # and for a verdict: p and q renormalized, the plan's output
 
 
 @numba.njit(**_JIT)
@@ -218,10 +220,10 @@ def _radix_pass(src, dst, shift):
 
 
 @numba.njit(**_JIT)
-def descending_ratio_order(ratio, order):
-    """order: the indices of ``ratio`` by non-increasing value (exact ties in any order)."""
+def descending_ratio_order(ratio, order, packed, spare):
+    """order: the indices of ``ratio`` by non-increasing value (exact ties in any order).
+    ``packed``, ``spare``: int64 scratch of the same length."""
     n = ratio.shape[0]
-    packed, spare = numpy.empty(n, numpy.int64), numpy.empty(n, numpy.int64)
     _packed_keys(ratio, packed)
     for digit in range(KEY_BITS // 8):
         _radix_pass(packed, spare, 32 + 8 * digit)
@@ -244,30 +246,24 @@ def descending_ratio_order(ratio, order):
             return
 
 
-@numba.njit(**_JIT)
-def descending_ratio_orders(ratio, order):
-    """descending_ratio_order of every row [B, V], for tests."""
-    for b in range(ratio.shape[0]):
-        descending_ratio_order(ratio[b], order[b])
-
-
 @numba.njit(inline="always", **_JIT)
-def plan_row(p, q, k, scale_out, marginal_out):
-    """One row's plan: writes the scales phi and the winner law s in token order."""
+def plan_row(p, q, k, scale_out, marginal_out, work):
+    """One row's plan: writes the scales phi and the winner law s in token order.  ``work``:
+    scratch [WORK_ROWS, >= V + 1] (``workspace``)."""
     vocab = p.shape[0]
-    ratio = numpy.empty(vocab)
+    ratio = work[0, :vocab]
     for t in range(vocab):
         ratio[t] = p[t] / q[t] if q[t] > 0 else math.inf
-    order = numpy.empty(vocab, numpy.int64)  # the token ids by non-increasing p/q ("positions")
-    descending_ratio_order(ratio, order)
-    qs, ps, rs = numpy.empty(vocab), numpy.empty(vocab), numpy.empty(vocab)
+    order = work[1, :vocab].view(numpy.int64)  # the token ids by non-increasing p/q ("positions")
+    descending_ratio_order(ratio, order, work[2, :vocab].view(numpy.int64), work[3, :vocab].view(numpy.int64))
+    qs, ps, rs = work[2, :vocab], work[3, :vocab], work[4, :vocab]
     for i in range(vocab):
         t = order[i]
         qs[i], ps[i], rs[i] = q[t], p[t], ratio[t]
 
     # 1. The optimal cut T* = {positions >= cut}: the largest T maximizing q(T)^k - p(T).
     # Suffix sums run from the bottom, so that small sums keep their relative precision.
-    q_below = numpy.empty(vocab + 1)  # q-mass of positions >= i
+    q_below = work[5, : vocab + 1]  # q-mass of positions >= i
     q_below[vocab] = 0.0
     p_below, best, cut = 0.0, -math.inf, vocab
     for i in range(vocab - 1, -1, -1):
@@ -283,7 +279,7 @@ def plan_row(p, q, k, scale_out, marginal_out):
     mass_h, mass_t = power(top_h, k) - power(a, k), power(a, k)  # what H and T* win
 
     # 2. Targets: min(p, c q) on H's first j positions, max(p, c' q) on T*.
-    q_group, p_group = numpy.empty(vocab), numpy.empty(vocab)  # mass of the block before i
+    q_group, p_group = work[6, :vocab], work[7, :vocab]  # mass of the block before i
     p_h = 0.0
     for i in range(cut):
         p_h += ps[i]
@@ -315,8 +311,8 @@ def plan_row(p, q, k, scale_out, marginal_out):
     # 3. Processor sharing down each block.  Position i joins its block's group of earlier
     # positions with length ``left`` left; the scale falls by left / (the group's length at
     # the previous join), kept with its complement ``gap`` for the marginal.
-    phi = numpy.empty(vocab)  # the scales as multiplied, before the floor
-    gap = numpy.empty(vocab)  # 1 - phi_i / phi_{i-1}
+    phi = work[8, :vocab]  # the scales as multiplied, before the floor
+    gap = work[9, :vocab]  # 1 - phi_i / phi_{i-1}
     s_acc = left_prev = 0.0
     sigma_prev = -1.0
     running = 1.0
@@ -355,11 +351,11 @@ def plan_row(p, q, k, scale_out, marginal_out):
 
     # 4. The winner's law from the scales used (optimal.race_marginal, Lemma 1):
     # s_i = q_i / phi_i * sum_{m >= i} phi_m d_m.
-    scale = numpy.empty(vocab)
+    scale = work[10, :vocab]
     for i in range(vocab):
         scale[i] = max(phi[i], _MIN_SCALE)
     beta = 0.0  # sum_{l <= m} q_l / phi_l
-    piece = numpy.empty(vocab)
+    piece = work[11, :vocab]
     for m in range(vocab):
         q_over_phi = qs[m] / scale[m]
         beta += q_over_phi
@@ -383,26 +379,36 @@ def plan_row(p, q, k, scale_out, marginal_out):
 
 
 @numba.njit(**_JIT)
-def _plan_rows_any_k(p, q, k, scale_out, marginal_out):
+def _plan_rows_any_k(p, q, k, scale_out, marginal_out, work):
     for b in range(p.shape[0]):
-        plan_row(p[b], q[b], k, scale_out[b], marginal_out[b])
+        plan_row(p[b], q[b], k, scale_out[b], marginal_out[b], work)
 
 
 @numba.njit(**_JIT)
-def _plan_rows_two(p, q, scale_out, marginal_out):
+def _plan_rows_two(p, q, scale_out, marginal_out, work):
     # k = 2, the commonest case, as a constant: plan_row is inlined, so its loops over k unroll
     # (34 % faster than with k at run time; for larger k the gain was 10-13 %, not worth more
     # entry points)
     for b in range(p.shape[0]):
-        plan_row(p[b], q[b], 2, scale_out[b], marginal_out[b])
+        plan_row(p[b], q[b], 2, scale_out[b], marginal_out[b], work)
 
 
-def plan_rows(p, q, k, scale_out, marginal_out):
-    """The plan of every row of p, q [B, V] (float64)."""
+def workspace(vocab: int) -> numpy.ndarray:
+    """Scratch for one row's plan or verdict at a time, [WORK_ROWS, vocab + 1] float64.
+
+    Passed in rather than allocated in the kernel: a dozen fresh arrays of V doubles per row
+    come from mmap at V = 32000 (above glibc's threshold), and faulting their pages in cost
+    ~1 ms per call, a third of the plan.  Callers keep one per thread and reuse it.
+    """
+    return numpy.empty((WORK_ROWS, vocab + 1))
+
+
+def plan_rows(p, q, k, scale_out, marginal_out, work):
+    """The plan of every row of p, q [B, V] (float64), with the scratch ``work``."""
     if k == 2:
-        _plan_rows_two(p, q, scale_out, marginal_out)
+        _plan_rows_two(p, q, scale_out, marginal_out, work)
     else:
-        _plan_rows_any_k(p, q, k, scale_out, marginal_out)
+        _plan_rows_any_k(p, q, k, scale_out, marginal_out, work)
 
 
 @numba.njit(**_JIT)
@@ -444,13 +450,13 @@ def residual_draws(p, marginal, u, out):
 
 
 @numba.njit(inline="always", **_JIT)
-def verify_row(p, q, drafts, u, k, out):
+def verify_row(p, q, drafts, u, k, out, work):
     """One node's verdict token: the plan, the bid race, the keep coin and, on rejection, the
     residual draw, as ``Optimal._verify`` does with tensors.  p, q: the rows as given (any
     float dtype), renormalized here in float64 like ``optimal.as_law``; drafts [k]; u [k + 2]:
-    the k bids' uniforms, the coin, the residual's uniform."""
+    the k bids' uniforms, the coin, the residual's uniform; ``work``: as for ``plan_row``."""
     vocab = p.shape[0]
-    p64, q64 = numpy.empty(vocab), numpy.empty(vocab)
+    p64, q64 = work[PLAN_WORK_ROWS, :vocab], work[PLAN_WORK_ROWS + 1, :vocab]
     p_sum = q_sum = 0.0
     for t in range(vocab):
         p64[t], q64[t] = p[t], q[t]
@@ -459,8 +465,8 @@ def verify_row(p, q, drafts, u, k, out):
     for t in range(vocab):
         p64[t] /= p_sum
         q64[t] /= q_sum
-    scale, marginal = numpy.empty(vocab), numpy.empty(vocab)
-    plan_row(p64, q64, k, scale, marginal)
+    scale, marginal = work[PLAN_WORK_ROWS + 2, :vocab], work[PLAN_WORK_ROWS + 3, :vocab]
+    plan_row(p64, q64, k, scale, marginal, work)
     winner, best = drafts[0], -1.0
     for i in range(k):  # the highest bid U_i phi(x_i) wins
         bid = u[i] * scale[drafts[i]]
@@ -473,21 +479,21 @@ def verify_row(p, q, drafts, u, k, out):
 
 
 @numba.njit(**_JIT)
-def _verify_rows_any_k(p, q, drafts, u, out):
+def _verify_rows_any_k(p, q, drafts, u, out, work):
     for b in range(p.shape[0]):
-        verify_row(p[b], q[b], drafts[b], u[b], drafts.shape[1], out[b : b + 1])
+        verify_row(p[b], q[b], drafts[b], u[b], drafts.shape[1], out[b : b + 1], work)
 
 
 @numba.njit(**_JIT)
-def _verify_rows_two(p, q, drafts, u, out):
+def _verify_rows_two(p, q, drafts, u, out, work):
     for b in range(p.shape[0]):  # k = 2 a constant, as in _plan_rows_two
-        verify_row(p[b], q[b], drafts[b], u[b], 2, out[b : b + 1])
+        verify_row(p[b], q[b], drafts[b], u[b], 2, out[b : b + 1], work)
 
 
-def verify_rows(p, q, drafts, u, out):
+def verify_rows(p, q, drafts, u, out, work):
     """The verdict token of every row: p, q [B, V] (float32 or float64), drafts [B, k] (int64),
-    u [B, k + 2] uniforms (float64), out [B] (int64)."""
+    u [B, k + 2] uniforms (float64), out [B] (int64), with the scratch ``work``."""
     if drafts.shape[1] == 2:
-        _verify_rows_two(p, q, drafts, u, out)
+        _verify_rows_two(p, q, drafts, u, out, work)
     else:
-        _verify_rows_any_k(p, q, drafts, u, out)
+        _verify_rows_any_k(p, q, drafts, u, out, work)
