@@ -360,9 +360,8 @@ def _fused_verify(p: Tensor, q: Tensor, drafts: Tensor, generator) -> Verdict:
     plan that cost ~1 ms per call at B = 1.  The uniforms are drawn up front, [B, k + 2]."""
     from .optimal_cpu import verify_rows
 
-    def rows_of(x: Tensor) -> numpy.ndarray:
-        x = x.detach() if x.dtype in (torch.float32, torch.float64) else x.detach().to(torch.float64)
-        return x.contiguous().numpy()
+    def rows_of(x: Tensor) -> numpy.ndarray:  # float64 only: one compiled copy of the kernel
+        return x.detach().to(torch.float64).contiguous().numpy()
 
     p_np, q_np, d_np = rows_of(p), rows_of(q), drafts.detach().to(torch.long).contiguous().numpy()
     u = torch.rand((drafts.shape[0], drafts.shape[1] + 2), generator=generator, dtype=torch.float64).numpy()

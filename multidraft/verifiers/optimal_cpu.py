@@ -34,9 +34,10 @@ from .optimal import MIN_LOG_SCALE, SEG_FLOOR
 _JIT = {"fastmath": {"contract"}, "cache": True, "nogil": True, "error_model": "numpy", "boundscheck": False}
 _SEG_RATIO = math.exp(-SEG_FLOOR)  # smallest ratio of consecutive scales inside a block
 _MIN_SCALE = math.exp(MIN_LOG_SCALE)  # floor on scales
-# Newton on the join equation, from an upper bound: a step below NEWTON_TOLERANCE * L ends it.
+# The join equation's root solver (join_length) stops when its error bound is below
+# NEWTON_TOLERANCE * L (in the k-th-root form: when a step is).
 NEWTON_TOLERANCE = 1e-12
-POLYNOMIAL_STEPS = 6  # in powers of L: fast from a warm start
+POLYNOMIAL_STEPS = 6  # Halley on the polynomial: fast from a warm start
 ROOT_FORM_STEPS = 30  # then in the k-th-root form: fast from far away
 PLAN_WORK_ROWS = 12  # scratch rows of V + 1 doubles for one row's plan (see plan_row)
 WORK_ROWS = PLAN_WORK_ROWS + 4  # and for a verdict: p and q renormalized, the plan's output
@@ -72,32 +73,26 @@ def power_sum(a, b, k):
 
 
 @numba.njit(**_JIT)
-def binomials(k):
-    """C(k, 0..k), then room for join_length's coefficients a_j."""
-    coef = numpy.ones(2 * k + 2)
-    for n in range(1, k + 1):
-        coef[n] = coef[n - 1] * (k - n + 1) / n
-    return coef
-
-
-@numba.njit(**_JIT)
-def join_length(base, sigma, deficit, group, start, coef, k):
+def join_length(base, sigma, deficit, group, start, k):
     """The largest root L in [0, group] of ``(base + L)^k - base^k - sigma L = deficit``.
 
     The left side less the right, ``f(L) = L (a1 + a2 L + ... + a_k L^(k-1)) - deficit``
     with ``a1 = k base^(k-1) - sigma`` and ``a_j = C(k, j) base^(k-j) >= 0`` for j >= 2,
-    is convex, so Newton from any point right of the root falls monotonically to it.  It
-    starts from ``start``, an upper bound the caller knows (the previous join's length: join
-    levels descend down a block, docs/verifiers/optimal.md, step D), which is usually close
-    to the root; only when that is no better than the group's length does it first take the
-    root of the quadratic part, also an upper bound (the terms past a2 are >= 0) and the root
-    itself for k = 2.  In powers of L every term but a1 is >= 0, so small lengths keep their
-    relative precision.  ``coef``: C(k, j) for j = 0..k, then scratch for the a_j.
+    is convex, and its higher derivatives are >= 0 for L >= 0, so from any point right of
+    the root Newton falls monotonically to it.  It starts from ``start``, an upper bound the
+    caller knows (the previous join's length: join levels descend down a block,
+    docs/verifiers/optimal.md, step D), which is usually close to the root; only when that is
+    no better than the group's length does it first take the root of the quadratic part,
+    also an upper bound (the terms past a2 are >= 0) and the root itself for k = 2.  f is
+    evaluated as ``L h_k(base + L, base) - sigma L - deficit`` (``power_sum``: every term
+    >= 0), so that a small L keeps its relative precision.
 
-    A Newton step s from x0 leaves an error e1 = f''(xi) e0^2 / (2 f'(x0)) with e0 = s + e1
-    and xi in [root, x0]; f'' grows with L, so e1 <= c (s + e1)^2 with c = f''(x0) / (2 f'(x0)),
-    hence e1 <= 1.5 c s^2 when c s <= 1/8.  The solver stops as soon as that bound is below
-    NEWTON_TOLERANCE * L: from a warm start, usually after the first step.
+    The steps are Halley's, ``s = s_N / (1 - c s_N)`` with the Newton step s_N and
+    ``c = f2 / (2 f1)`` (f1, f2, f3: the derivatives).  Their error is
+    ``(c^2 - d) e0^3 + O(e0^4)`` with ``d = f3 / (6 f1)``, and here ``0 <= d <= 2/3 c^2``, so
+    a step leaves about ``c^2 s^3`` and stays right of the root to that order.  The solver
+    stops once twice that is below NEWTON_TOLERANCE * L: from a warm start, usually after the
+    first step.
     """
     a1 = k * power(base, k - 1) - sigma
     if k == 2 or not 0 < start < group:
@@ -110,20 +105,14 @@ def join_length(base, sigma, deficit, group, start, coef, k):
             return length
     else:
         length = start
-    base_pow = 1.0
-    for j in range(k, 1, -1):
-        coef[k + 1 + j] = coef[j] * base_pow
-        base_pow *= base
     for _ in range(POLYNOMIAL_STEPS):
-        top = coef[2 * k + 1]  # Horner from a_k for f, f', f''
-        f, df, ddf = top, k * top, k * (k - 1) * top
-        for j in range(k - 1, 1, -1):
-            c = coef[k + 1 + j]
-            f = f * length + c
-            df = df * length + j * c
-            ddf = ddf * length + j * (j - 1) * c
-        f = (f * length + a1) * length - deficit
-        df = df * length + a1
+        # with x = base + L: f = (x^k - base^k) - sigma L - deficit, x^k - base^k = L h_k(x, base)
+        # (power_sum: all terms >= 0, so a small L keeps its relative precision)
+        x = base + length
+        x_pow = power(x, k - 2)
+        f = (length * power_sum(x, base, k) - sigma * length) - deficit
+        df = k * x_pow * x - sigma
+        ddf = k * (k - 1) * x_pow
         if not f > 0 or not df > 0:
             return max(length, 0.0)
         inv = 1 / df
@@ -316,7 +305,6 @@ def plan_row(p, q, k, scale_out, marginal_out, work):
     s_acc = left_prev = 0.0
     sigma_prev = -1.0
     running = 1.0
-    coef = binomials(k)
     for i in range(vocab):
         if i == cut:
             s_acc = left_prev = 0.0
@@ -335,7 +323,7 @@ def plan_row(p, q, k, scale_out, marginal_out, work):
             top = top_h if i < cut else a
             base = top - q_group[i]
             deficit = max(q_group[i] * power_sum(top, base, k) - s_acc, 0.0)
-            left = join_length(base, sigma, deficit, q_group[i], left_prev, coef, k)
+            left = join_length(base, sigma, deficit, q_group[i], left_prev, k)
         sigma_prev = sigma
         s_acc += target
         ratio, drop = 1.0, 0.0
@@ -379,18 +367,33 @@ def plan_row(p, q, k, scale_out, marginal_out, work):
 
 
 @numba.njit(**_JIT)
-def _plan_rows_any_k(p, q, k, scale_out, marginal_out, work):
-    for b in range(p.shape[0]):
-        plan_row(p[b], q[b], k, scale_out[b], marginal_out[b], work)
+def _plan_row_two(p, q, scale_out, marginal_out, work):
+    # k = 2, the commonest case, as a constant: plan_row is inlined, so its loops over k unroll
+    # (34 % faster than with k at run time; for larger k the gain was 10-13 %, not worth more
+    # compiled copies)
+    plan_row(p, q, 2, scale_out, marginal_out, work)
 
 
 @numba.njit(**_JIT)
-def _plan_rows_two(p, q, scale_out, marginal_out, work):
-    # k = 2, the commonest case, as a constant: plan_row is inlined, so its loops over k unroll
-    # (34 % faster than with k at run time; for larger k the gain was 10-13 %, not worth more
-    # entry points)
+def _plan_row_any_k(p, q, k, scale_out, marginal_out, work):
+    plan_row(p, q, k, scale_out, marginal_out, work)
+
+
+@numba.njit(**_JIT)
+def plan_one_row(p, q, k, scale_out, marginal_out, work):
+    """plan_row through its compiled copies (callers link them instead of inlining the plan,
+    which keeps the first use's compile time down)."""
+    if k == 2:
+        _plan_row_two(p, q, scale_out, marginal_out, work)
+    else:
+        _plan_row_any_k(p, q, k, scale_out, marginal_out, work)
+
+
+@numba.njit(**_JIT)
+def plan_rows(p, q, k, scale_out, marginal_out, work):
+    """The plan of every row of p, q [B, V] (float64), with the scratch ``work``."""
     for b in range(p.shape[0]):
-        plan_row(p[b], q[b], 2, scale_out[b], marginal_out[b], work)
+        plan_one_row(p[b], q[b], k, scale_out[b], marginal_out[b], work)
 
 
 def workspace(vocab: int) -> numpy.ndarray:
@@ -403,20 +406,11 @@ def workspace(vocab: int) -> numpy.ndarray:
     return numpy.empty((WORK_ROWS, vocab + 1))
 
 
-def plan_rows(p, q, k, scale_out, marginal_out, work):
-    """The plan of every row of p, q [B, V] (float64), with the scratch ``work``."""
-    if k == 2:
-        _plan_rows_two(p, q, scale_out, marginal_out, work)
-    else:
-        _plan_rows_any_k(p, q, k, scale_out, marginal_out, work)
-
-
 @numba.njit(**_JIT)
 def join_lengths(base, sigma, deficit, group, start, k, out):
     """join_length over arrays (out[i] for each i), for tests of the root solver."""
-    coef = binomials(k)
     for i in range(base.shape[0]):
-        out[i] = join_length(base[i], sigma[i], deficit[i], group[i], start[i], coef, k)
+        out[i] = join_length(base[i], sigma[i], deficit[i], group[i], start[i], k)
 
 
 @numba.njit(**_JIT)
@@ -449,11 +443,11 @@ def residual_draws(p, marginal, u, out):
         out[b] = residual_draw(p[b], marginal[b], u[b])
 
 
-@numba.njit(inline="always", **_JIT)
+@numba.njit(**_JIT)
 def verify_row(p, q, drafts, u, k, out, work):
     """One node's verdict token: the plan, the bid race, the keep coin and, on rejection, the
-    residual draw, as ``Optimal._verify`` does with tensors.  p, q: the rows as given (any
-    float dtype), renormalized here in float64 like ``optimal.as_law``; drafts [k]; u [k + 2]:
+    residual draw, as ``Optimal._verify`` does with tensors.  p, q: float64 rows as given,
+    renormalized here like ``optimal.as_law``; drafts [k]; u [k + 2]:
     the k bids' uniforms, the coin, the residual's uniform; ``work``: as for ``plan_row``."""
     vocab = p.shape[0]
     p64, q64 = work[PLAN_WORK_ROWS, :vocab], work[PLAN_WORK_ROWS + 1, :vocab]
@@ -466,7 +460,7 @@ def verify_row(p, q, drafts, u, k, out, work):
         p64[t] /= p_sum
         q64[t] /= q_sum
     scale, marginal = work[PLAN_WORK_ROWS + 2, :vocab], work[PLAN_WORK_ROWS + 3, :vocab]
-    plan_row(p64, q64, k, scale, marginal, work)
+    plan_one_row(p64, q64, k, scale, marginal, work)
     winner, best = drafts[0], -1.0
     for i in range(k):  # the highest bid U_i phi(x_i) wins
         bid = u[i] * scale[drafts[i]]
@@ -479,21 +473,8 @@ def verify_row(p, q, drafts, u, k, out, work):
 
 
 @numba.njit(**_JIT)
-def _verify_rows_any_k(p, q, drafts, u, out, work):
+def verify_rows(p, q, drafts, u, out, work):
+    """The verdict token of every row: p, q [B, V] (float64), drafts [B, k] (int64),
+    u [B, k + 2] uniforms (float64), out [B] (int64), with the scratch ``work``."""
     for b in range(p.shape[0]):
         verify_row(p[b], q[b], drafts[b], u[b], drafts.shape[1], out[b : b + 1], work)
-
-
-@numba.njit(**_JIT)
-def _verify_rows_two(p, q, drafts, u, out, work):
-    for b in range(p.shape[0]):  # k = 2 a constant, as in _plan_rows_two
-        verify_row(p[b], q[b], drafts[b], u[b], 2, out[b : b + 1], work)
-
-
-def verify_rows(p, q, drafts, u, out, work):
-    """The verdict token of every row: p, q [B, V] (float32 or float64), drafts [B, k] (int64),
-    u [B, k + 2] uniforms (float64), out [B] (int64), with the scratch ``work``."""
-    if drafts.shape[1] == 2:
-        _verify_rows_two(p, q, drafts, u, out, work)
-    else:
-        _verify_rows_any_k(p, q, drafts, u, out, work)
