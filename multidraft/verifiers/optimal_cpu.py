@@ -1,21 +1,24 @@
-"""The `optimal` verifier's plan on the CPU, fused: a few sequential passes per row (numba).
+"""The `optimal` verifier's plan and verdict on the CPU, fused: a few sequential passes per row
+(numba).
 
 The same algorithm as ``optimal._tensor_plan`` (docs/verifiers/optimal.md, "Algorithm"), step
 for step, but each stage is one loop over a row's ratio-sorted positions instead of dozens of
 [B, V] tensor ops, which on the CPU cost far more in memory traffic and dispatch than in
 arithmetic.  What differs besides the loop form:
 
+- the ratio order comes from a radix sort on a 24-bit key fitted to the row's range of p/q
+  (``descending_ratio_order``), put in exact order by an insertion pass afterwards;
 - the scales are kept as products ``phi`` in [e^MIN_LOG_SCALE, 1], not as a running sum of
   logs, so the race marginal needs no exp/expm1 per token: a join's ratio
   ``phi_{i+1} / phi_i`` and its complement ``1 - phi_{i+1} / phi_i`` come straight from the
   join lengths;
-- the join equation is solved by Newton in powers of L (no log/exp), started from the
-  previous join's length, which bounds the root from above and is usually close to it; only
-  when that has not converged after a few steps does it go on in the tensor path's k-th-root
-  form.
-
-- the ratio order comes from a radix sort on a 24-bit key fitted to the row's range of p/q
-  (``descending_ratio_order``), put in exact order by an insertion pass afterwards.
+- a run of positions that share sigma (capped, floored, or tied) joins at the group's level
+  without solving;
+- the join equation is solved by Halley steps on the polynomial (no log/exp), started from
+  the previous join's length, which bounds the root from above and is usually close to it;
+  only when that has not converged after a few steps does it go on in the tensor path's
+  k-th-root form;
+- ``verify_rows`` runs a whole verdict per row: plan, bid race, coin and residual draw.
 
 Exactness does not depend on any of this (the marginal is recomputed from the scales used,
 Theorem 1); optimality and agreement with the tensor plan are tested in
