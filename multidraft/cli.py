@@ -158,7 +158,8 @@ def cmd_generate(args) -> int:
         print(repr(decode(ids)) if decode is not None else " ".join(str(t) for t in ids))
     if args.adaptive:
         c = engine.last_choice
-        shape = f"adaptive: k={c.num_drafts}  depth={c.depth}" if c.depth else "adaptive: plain decoding (speculation predicted to lose)"
+        how = "measured in a trial race" if c.measured_tokens_per_second is not None else "predicted"
+        shape = f"adaptive: k={c.num_drafts}  depth={c.depth}" if c.depth else f"adaptive: plain decoding (speculation {how} to lose)"
     else:
         shape = f"widths={','.join(map(str, engine.widths))}" if engine.widths else f"k={engine.num_drafts}  depth={engine.depth}"
     print(f"\nverifier {args.verifier}  {shape}  batch={args.batch}  T={args.temperature}")

@@ -22,14 +22,14 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .engine import Engine, autoregressive_generate, model_forward
 
 __all__ = ["AdaptiveEngine", "Overhead", "ShapeChoice", "ShapePolicy", "batch_efficiency_share", "calibrate_acceptance", "choose_shape",
-           "expected_block_efficiency", "forward_ms", "measure_costs", "measure_overhead"]
+           "expected_block_efficiency", "forward_ms", "measure_costs", "measure_overhead", "rank_shapes", "time_shapes"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class ShapeChoice:
     block_efficiency: float  # expected tokens per request per round
     round_ms: float  # expected cost of one round (all requests)
     tokens_per_second: float  # expected, summed over the batch
+    measured_tokens_per_second: float | None = None  # from a trial race (ShapePolicy), if one ran
 
 
 def expected_block_efficiency(acceptance) -> float:
@@ -177,22 +178,19 @@ def _cost(table: dict, batch: int, tokens: int) -> float:
     return (1 - w) * table[batch, lo] + w * table[batch, hi]
 
 
-def choose_shape(batch: int, costs: dict, acceptance: dict, max_depth: int | None = None,
-                 overhead_ms: float | Overhead = 0.0, margin: float = 0.0, request_efficiency: dict | None = None) -> ShapeChoice:
-    """The (k, D) with the highest expected tokens/s at this batch size, or (0, 0), plain decoding,
-    when no shape beats it by more than ``margin`` (a fraction: acceptance calibrated on other
-    prompts and timed costs are estimates, and a shape that is predicted to win by a hair loses as
-    often as it wins).  A round costs target(B, 1 + k*D) + draft(B, 1) + (D - 1) * draft(B, k)
-    plus the engine's own work: ``overhead_ms`` per round, or an ``Overhead`` with a part per depth
-    (and one per step of plain decoding, charged to that option).  With ``request_efficiency``
-    ({k: per-request block efficiencies}, from ``calibrate_acceptance(per_request=True)``) the
-    speculative gain is scaled by ``batch_efficiency_share``: the batch waits for its slowest
-    request, a loss that grows with the batch and with how much requests differ."""
-    if not 0.0 <= margin < 1.0:
-        raise ValueError(f"margin must be in [0, 1), got {margin}")
+def rank_shapes(batch: int, costs: dict, acceptance: dict, max_depth: int | None = None,
+                overhead_ms: float | Overhead = 0.0, request_efficiency: dict | None = None) -> list[ShapeChoice]:
+    """Every option at this batch size with its prediction, fastest first: each (k, D) with
+    measured costs, and plain decoding as (0, 0).  A round costs target(B, 1 + k*D) + draft(B, 1)
+    + (D - 1) * draft(B, k) plus the engine's own work: ``overhead_ms`` per round, or an
+    ``Overhead`` with a part per depth (and one per step of plain decoding, charged to that
+    option).  With ``request_efficiency`` ({k: per-request block efficiencies}, from
+    ``calibrate_acceptance(per_request=True)``) the speculative gain is scaled by
+    ``batch_efficiency_share``: the batch waits for its slowest request, a loss that grows with
+    the batch and with how much requests differ."""
     overhead = overhead_ms if isinstance(overhead_ms, Overhead) else Overhead(float(overhead_ms), 0.0)
     plain = _cost(costs["target"], batch, 1) + overhead.at(0)
-    best = ShapeChoice(0, 0, 1.0, plain, 1e3 * batch / plain * (1 + margin))  # the bar a shape must clear
+    options = [ShapeChoice(0, 0, 1.0, plain, 1e3 * batch / plain)]
     for k, rates in sorted(acceptance.items()):
         for depth in range(1, min(len(rates), max_depth or len(rates)) + 1):
             try:
@@ -202,12 +200,49 @@ def choose_shape(batch: int, costs: dict, acceptance: dict, max_depth: int | Non
             eff = expected_block_efficiency(rates[:depth])
             if request_efficiency is not None and request_efficiency.get(k):
                 eff = 1 + (eff - 1) * batch_efficiency_share(request_efficiency[k], batch)
-            rate = 1e3 * batch * eff / ms
-            if rate > best.tokens_per_second:
-                best = ShapeChoice(k, depth, eff, ms, rate)
-    if best.depth == 0:  # report plain decoding's own prediction, not the bar
-        best = ShapeChoice(0, 0, 1.0, plain, 1e3 * batch / plain)
-    return best
+            options.append(ShapeChoice(k, depth, eff, ms, 1e3 * batch * eff / ms))
+    return sorted(options, key=lambda c: -c.tokens_per_second)  # stable: plain first among equals
+
+
+def choose_shape(batch: int, costs: dict, acceptance: dict, max_depth: int | None = None,
+                 overhead_ms: float | Overhead = 0.0, margin: float = 0.0, request_efficiency: dict | None = None) -> ShapeChoice:
+    """The (k, D) with the highest expected tokens/s at this batch size (``rank_shapes``), or
+    (0, 0), plain decoding, when no shape beats it by more than ``margin`` (a fraction:
+    acceptance calibrated on other prompts and timed costs are estimates, and a shape that is
+    predicted to win by a hair loses as often as it wins)."""
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must be in [0, 1), got {margin}")
+    options = rank_shapes(batch, costs, acceptance, max_depth, overhead_ms, request_efficiency)
+    plain = next(c for c in options if c.depth == 0)
+    best = options[0]
+    return best if best.tokens_per_second > plain.tokens_per_second * (1 + margin) else plain
+
+
+def time_shapes(target, draft, verifier: str, batches, shapes, max_new_tokens: int = 48, repeats: int = 3,
+                device=None, **generate_options) -> dict:
+    """{(k, D): median tokens/s} of decoding each batch of prompts in ``batches`` with each shape
+    ((0, 0): plain decoding), a rate being total tokens over total seconds across the batches.
+    The shapes are timed in turn ``repeats`` times, so that a drift of the machine's speed falls
+    on all of them alike; each is warmed up first."""
+    def rate(shape, new_tokens):
+        tokens = seconds = 0.0
+        for prompts in batches:
+            if shape[1] == 0:
+                stats = autoregressive_generate(target, prompts, new_tokens, device=device, **generate_options).stats
+            else:
+                stats = engines[shape].generate(prompts, new_tokens, **generate_options).stats
+            tokens, seconds = tokens + stats.new_tokens, seconds + stats.seconds
+        return tokens / seconds
+
+    shapes = list(dict.fromkeys(tuple(s) for s in shapes))
+    engines = {s: Engine(target, draft, verifier=verifier, num_drafts=s[0], depth=s[1], device=device) for s in shapes if s[1]}
+    for shape in shapes:
+        rate(shape, 4)
+    rates = {shape: [] for shape in shapes}
+    for _ in range(repeats):
+        for shape in shapes:
+            rates[shape].append(rate(shape, max_new_tokens))
+    return {shape: statistics.median(r) for shape, r in rates.items()}
 
 
 # ---- a policy measured once, an engine that follows it -----------------------------------------
@@ -225,30 +260,48 @@ class ShapePolicy:
     request_efficiency: dict  # {k: per-request block efficiency}: its per_request part
     overhead: dict  # {batch size: Overhead}
     margin: float = 0.05
+    trials: dict = field(default_factory=dict)  # {batch size: {(k, D): measured tokens/s}}: time_shapes
 
     @property
     def batch_sizes(self) -> list[int]:
         return sorted(self.overhead)
 
     def choose(self, batch: int) -> ShapeChoice:
-        """The shape for a batch of ``batch`` requests: ``choose_shape`` at the nearest measured
-        batch size (nearest in ratio, as costs scale with the batch: 12 is nearer 16 than 4),
-        whose predictions the choice carries."""
+        """The shape for a batch of ``batch`` requests, at the nearest measured batch size
+        (nearest in ratio, as costs scale with the batch: 12 is nearer 16 than 4): the fastest
+        in that size's trial race if one ran (a shape must beat plain decoding by ``margin``
+        there too), else ``choose_shape``.  The choice carries its prediction, and the
+        measured rate where there is one."""
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be an int >= 1, got {batch!r}")
         nearest = min(self.batch_sizes, key=lambda b: abs(math.log(b / batch)))
-        return choose_shape(nearest, self.costs, self.acceptance, overhead_ms=self.overhead[nearest],
-                            margin=self.margin, request_efficiency=self.request_efficiency)
+        trial = self.trials.get(nearest)
+        if not trial:
+            return choose_shape(nearest, self.costs, self.acceptance, overhead_ms=self.overhead[nearest],
+                                margin=self.margin, request_efficiency=self.request_efficiency)
+        plain_rate = trial.get((0, 0), 0.0)
+        shape = max(trial, key=trial.get)
+        if shape != (0, 0) and trial[shape] <= plain_rate * (1 + self.margin):
+            shape = (0, 0)
+        predicted = {(c.num_drafts, c.depth): c for c in rank_shapes(
+            nearest, self.costs, self.acceptance, overhead_ms=self.overhead[nearest], request_efficiency=self.request_efficiency)}
+        return replace(predicted[shape], measured_tokens_per_second=trial[shape])
 
     @classmethod
     def calibrate(cls, target, draft, verifier: str, prompts, batch_sizes=(1, 4, 16, 64), ks=(1, 2, 4), max_depth: int = 6,
-                  max_new_tokens: int = 48, margin: float = 0.05, device=None, **generate_options) -> ShapePolicy:
+                  max_new_tokens: int = 48, margin: float = 0.05, device=None, trial_shapes: int = 3, trial_repeats: int = 3,
+                  trial_requests: int = 8, **generate_options) -> ShapePolicy:
         """Measure forward costs and the engine's overhead at each batch size and the per-depth
         acceptance for each k (on all of ``prompts``: acceptance does not depend on the batch
-        size, and more prompts give a steadier estimate).  ``generate_options`` (temperature,
-        top_k, top_p, seed) must be the ones the policy will decode with: acceptance depends on
-        them.  Needs at least max(batch_sizes) prompts; takes a few engine runs per k and per
-        batch size."""
+        size, and more prompts give a steadier estimate).  Then, at each batch size b, race the
+        ``trial_shapes`` shapes the model predicts fastest and plain decoding (``time_shapes``,
+        ``trial_repeats`` rounds) on batches of b prompts, at least ``trial_requests`` requests
+        in all where there are prompts enough, and keep the measured rates: on a
+        machine whose speed drifts, a cost model fed one set of timings can be 10-25 % off,
+        and the race checks its short list against the real thing (``trial_shapes=0``: trust
+        the model alone).  ``generate_options`` (temperature, top_k, top_p, seed) must be the
+        ones the policy will decode with: acceptance depends on them.  Needs at least
+        max(batch_sizes) prompts; takes a few engine runs per k and per batch size."""
         batch_sizes = sorted(set(batch_sizes))
         if not batch_sizes or batch_sizes[0] < 1:
             raise ValueError(f"batch_sizes must be ints >= 1, got {batch_sizes!r}")
@@ -256,6 +309,10 @@ class ShapePolicy:
             raise ValueError(f"calibrating at batch size {batch_sizes[-1]} needs as many prompts, got {len(prompts)}")
         if max_depth < 2:
             raise ValueError(f"max_depth must be >= 2 (the overhead is fitted from two depths), got {max_depth}")
+        for name, value, low in [("trial_shapes", trial_shapes, 0), ("trial_repeats", trial_repeats, 1),
+                                 ("trial_requests", trial_requests, 1)]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         # every forward a round of these shapes makes: target 1 + k*D tokens, draft 1 and k
         tokens = sorted({1, *ks} | {1 + k * d for k in ks for d in range(1, max_depth + 1)})
         costs = measure_costs(target, draft, batch_sizes, tokens, device=device or "cpu")
@@ -264,7 +321,16 @@ class ShapePolicy:
         overhead = {b: measure_overhead(target, draft, verifier, prompts[:b], costs, depths=(1, min(4, max_depth)),
                                         max_new_tokens=max_new_tokens, device=device, **generate_options)
                     for b in batch_sizes}
-        return cls(verifier, costs, acceptance, spread, overhead, margin)
+        trials = {}
+        if trial_shapes:
+            for b in batch_sizes:
+                ranked = rank_shapes(b, costs, acceptance, overhead_ms=overhead[b], request_efficiency=spread)
+                shortlist = [(c.num_drafts, c.depth) for c in ranked if c.depth][:trial_shapes] + [(0, 0)]
+                count = max(1, min(len(prompts), max(b, trial_requests)) // b)  # whole batches of b
+                batches = [prompts[i * b : (i + 1) * b] for i in range(count)]
+                trials[b] = time_shapes(target, draft, verifier, batches, shortlist, max_new_tokens, trial_repeats,
+                                        device=device, **generate_options)
+        return cls(verifier, costs, acceptance, spread, overhead, margin, trials)
 
 
 class AdaptiveEngine:

@@ -24,6 +24,8 @@ from multidraft.engine.shape import (
     expected_block_efficiency,
     measure_costs,
     measure_overhead,
+    rank_shapes,
+    time_shapes,
 )
 
 
@@ -194,9 +196,53 @@ def test_a_policy_calibrates_on_a_real_pair():
                                    max_new_tokens=8, seed=0, device="cpu")
     assert policy.batch_sizes == [1, 4] and set(policy.acceptance) == {1, 2}
     assert all((b, 1 + 2 * 3) in policy.costs["target"] for b in (1, 4))  # the largest tree was timed
+    for b in (1, 4):  # the model's three best shapes and plain decoding were raced
+        assert len(policy.trials[b]) == 4 and (0, 0) in policy.trials[b]
+        choice = policy.choose(b)
+        assert choice.measured_tokens_per_second == policy.trials[b][choice.num_drafts, choice.depth]
     out = AdaptiveEngine(target, draft, policy, device="cpu").generate(prompts[:2], 5, seed=0)
     assert out.tokens.shape == (2, 5)
+    modelled = ShapePolicy.calibrate(target, draft, "rrs", prompts, batch_sizes=[1], ks=[2], max_depth=2,
+                                     max_new_tokens=4, seed=0, device="cpu", trial_shapes=0)
+    assert modelled.trials == {} and modelled.choose(1).measured_tokens_per_second is None
+    with pytest.raises(ValueError, match="trial_repeats must be an int >= 1, got 0"):
+        ShapePolicy.calibrate(target, draft, "rrs", prompts, batch_sizes=[1], trial_repeats=0)
     with pytest.raises(ValueError, match="needs as many prompts"):
         ShapePolicy.calibrate(target, draft, "rrs", prompts[:2], batch_sizes=[4])
     with pytest.raises(ValueError, match="max_depth must be >= 2"):
         ShapePolicy.calibrate(target, draft, "rrs", prompts, batch_sizes=[1], max_depth=1)
+
+
+def test_a_trial_race_overrules_the_model_and_keeps_its_margin():
+    batches = [1, 16]
+    costs = synthetic_costs(batches, list(range(1, 26)))
+    acceptance = {1: [0.8] * 6, 2: [0.9] * 6}
+    modelled = _policy(costs, acceptance, batches)
+    assert modelled.choose(1).depth > 0  # the model alone speculates at batch 1
+    trials = {1: {(2, 3): 120.0, (1, 4): 150.0, (0, 0): 100.0}, 16: {(2, 2): 1030.0, (0, 0): 1000.0}}
+    policy = ShapePolicy("rrs", costs, acceptance, {}, {b: Overhead(0.0, 0.0) for b in batches}, margin=0.05, trials=trials)
+    one = policy.choose(1)  # the race's winner, with the model's prediction for it and the measured rate
+    assert (one.num_drafts, one.depth, one.measured_tokens_per_second) == (1, 4, 150.0)
+    predicted = {(c.num_drafts, c.depth): c for c in rank_shapes(1, costs, acceptance)}
+    assert one.tokens_per_second == predicted[1, 4].tokens_per_second
+    sixteen = policy.choose(12)  # 3 % over plain decoding is inside the 5 % margin: decode plainly
+    assert (sixteen.num_drafts, sixteen.depth, sixteen.measured_tokens_per_second) == (0, 0, 1000.0)
+
+
+def test_rank_shapes_lists_every_option_fastest_first():
+    costs = synthetic_costs([1], list(range(1, 26)))
+    ranked = rank_shapes(1, costs, {1: [0.8] * 3, 2: [0.9] * 3})
+    assert len(ranked) == 1 + 3 + 3 and sum(c.depth == 0 for c in ranked) == 1
+    rates = [c.tokens_per_second for c in ranked]
+    assert rates == sorted(rates, reverse=True)
+    assert choose_shape(1, costs, {1: [0.8] * 3, 2: [0.9] * 3}) == ranked[0]
+
+
+def test_time_shapes_races_each_shape_and_plain_decoding():
+    torch.manual_seed(0)
+    target = GPT(GPTConfig(vocab_size=64, n_layer=2, dim=32, n_head=4)).eval()
+    draft = early_exit(target, 1)
+    prompts = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(3))
+    rates = time_shapes(target, draft, "rrs", [prompts, prompts[:1]], [(2, 2), (1, 3), (2, 2), (0, 0)], max_new_tokens=6,
+                        repeats=2, seed=0, device="cpu")
+    assert list(rates) == [(2, 2), (1, 3), (0, 0)] and all(r > 0 for r in rates.values())
