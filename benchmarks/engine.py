@@ -167,12 +167,14 @@ def run_adaptive(args) -> dict:
                    "predicted_block_efficiency": choice.block_efficiency, "predicted_tokens_per_s": choice.tokens_per_second,
                    "overhead_per_round_ms": overhead.per_round_ms, "overhead_per_depth_ms": overhead.per_depth_ms,
                    "overhead_plain_ms": overhead.plain_ms,
+                   "trial_tokens_per_s": {f"{k},{d}": rate for (k, d), rate in policy.trials.get(batch, {}).items()},
                    "ar_tokens_per_s": base, "spec_tokens_per_s": median["adaptive"], "speedup": median["adaptive"] / base,
                    "best_fixed": best_fixed, "best_fixed_tokens_per_s": max(median[best_fixed], base),
                    "fixed_tokens_per_s": {name: median[name] for name in shapes if name != "adaptive"}}
             row["vs_best"] = median["adaptive"] / row["best_fixed_tokens_per_s"]
             rows.append(row)
             print(f"adaptive B={batch:<3} T={temperature:<3} picks k={choice.num_drafts} D={choice.depth} (predicted {choice.tokens_per_second:.0f} tok/s, "
+                  f"trial {row['trial_tokens_per_s']}, "
                   f"overhead {overhead.per_round_ms:.1f} + {overhead.per_depth_ms:.1f}/depth ms, plain {overhead.plain_ms:.1f} ms)  AR {base:.1f}  adaptive {median['adaptive']:.1f}  "
                   f"best fixed {best_fixed} {median[best_fixed]:.1f}  adaptive/best {row['vs_best']:.2f}", file=sys.stderr, flush=True)
     return {"adaptive_rows": rows, "verifier": args.adaptive_verifier}
@@ -180,13 +182,16 @@ def run_adaptive(args) -> dict:
 
 def markdown(result: dict) -> str:
     if "adaptive_rows" in result:
-        lines = ["| batch | T | chosen k, D | predicted tok/s | overhead ms (round + per depth; plain step) | AR tok/s | adaptive tok/s | "
-                 "best fixed (or AR) | its tok/s | adaptive / best |",
-                 "|---:|---:|---|---:|---:|---:|---:|---|---:|---:|"]
+        lines = ["| batch | T | chosen k, D | predicted tok/s | trial tok/s: chosen; plain | overhead ms (round + per depth; plain step) | "
+                 "AR tok/s | adaptive tok/s | best fixed (or AR) | its tok/s | adaptive / best |",
+                 "|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
         for r in result["adaptive_rows"]:
             chosen = f"{r['k']}, {r['depth']}" if r["depth"] else "plain decoding"
             best = r["best_fixed"] if r["best_fixed_tokens_per_s"] > r["ar_tokens_per_s"] else "plain decoding"
-            lines.append(f"| {r['batch']} | {r['temperature']:g} | {chosen} | {r['predicted_tokens_per_s']:.0f} | "
+            trial = r.get("trial_tokens_per_s") or {}
+            chosen_rate, plain_rate = trial.get(f"{r['k']},{r['depth']}", float("nan")), trial.get("0,0", float("nan"))
+            raced = f"{chosen_rate:.0f}; {plain_rate:.0f}" if trial else "—"
+            lines.append(f"| {r['batch']} | {r['temperature']:g} | {chosen} | {r['predicted_tokens_per_s']:.0f} | {raced} | "
                          f"{r['overhead_per_round_ms']:.1f} + {r['overhead_per_depth_ms']:.1f}; {r['overhead_plain_ms']:.1f} | {r['ar_tokens_per_s']:.0f} | "
                          f"{r['spec_tokens_per_s']:.0f} | {best} | {r['best_fixed_tokens_per_s']:.0f} | {r['vs_best']:.2f} |")
         return "\n".join(lines)
