@@ -137,7 +137,7 @@ def test_race_marginal_is_the_winner_law_for_any_scales(seed):
     torch.testing.assert_close(s, enumerated, rtol=0, atol=1e-14)
 
 
-@pytest.mark.parametrize("solver", ["tensor", "fused-cold", "fused-warm"])
+@pytest.mark.parametrize("solver", ["tensor", "fused-cold", "fused-warm", "fused-far"])
 @pytest.mark.parametrize("k", [3, 4, 8, 16])
 def test_join_solver_finds_the_largest_root(k, solver):
     g = torch.Generator().manual_seed(k)
@@ -152,10 +152,30 @@ def test_join_solver_finds_the_largest_root(k, solver):
     if solver == "tensor":
         found = _join_lengths(base, sigma, deficit, group, k)
     else:  # the fused solver starts from the smallest of its bounds and a caller's upper bound
-        start = group if solver == "fused-cold" else root + (group - root) * torch.rand(n, generator=g, dtype=torch.float64) ** 3
+        near = root + (group - root) * torch.rand(n, generator=g, dtype=torch.float64) ** 3
+        start = {"fused-cold": group, "fused-warm": near, "fused-far": (root + group) / 2}[solver]
         found = torch.empty_like(root)
         join_lengths(*(x.numpy() for x in (base, sigma, deficit, group, start)), k, found.numpy())
     torch.testing.assert_close(found, root, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("k", [3, 4, 8, 16])
+def test_fused_join_solver_from_far_above_a_small_nearly_double_root(k):
+    """a1 = k base^(k-1) - sigma ~ 0 and a tiny root: Halley from a far start comes down only
+    linearly there, so the solver must start from the quadratic root (nearly exact here)."""
+    g = torch.Generator().manual_seed(100 + k)
+    n = 200
+    base = torch.rand(n, generator=g, dtype=torch.float64) * 0.6 + 0.2
+    root = 10 ** (-12 + 4 * torch.rand(n, generator=g, dtype=torch.float64))  # 1e-12 .. 1e-8
+    a2 = k * (k - 1) / 2 * base ** (k - 2)
+    a1 = 0.5 * a2 * root
+    mean_slope = sum((base + root) ** j * base ** (k - 1 - j) for j in range(k))
+    sigma = k * base ** (k - 1) - a1
+    deficit = root * (mean_slope - sigma)
+    group = torch.full_like(base, 0.5)
+    found = torch.empty_like(root)
+    join_lengths(*(x.numpy() for x in (base, sigma, deficit, group, group / 2)), k, found.numpy())
+    torch.testing.assert_close(found, root, rtol=1e-4, atol=0)  # near the data's own precision (deficit cancels)
 
 
 @pytest.mark.parametrize("fused", PLANS)

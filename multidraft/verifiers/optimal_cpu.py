@@ -76,6 +76,16 @@ def power_sum(a, b, k):
 
 
 @numba.njit(**_JIT)
+def _quadratic_bound(base, a1, deficit, group, k):
+    """min(group, the positive root of a2 L^2 + a1 L = deficit), a2 = C(k, 2) base^(k-2),
+    cancellation-free for either sign of a1 (a nan root, 0 / 0, leaves the group's length)."""
+    a2 = k * (k - 1) / 2 * power(base, k - 2)
+    disc = math.sqrt(a1 * a1 + 4 * a2 * deficit)
+    quad = 2 * deficit / (a1 + disc) if a1 >= 0 else (disc - a1) / (2 * a2)
+    return _fmin(group, quad)
+
+
+@numba.njit(**_JIT)
 def join_length(base, sigma, deficit, group, start, k):
     """The largest root L in [0, group] of ``(base + L)^k - base^k - sigma L = deficit``.
 
@@ -84,9 +94,12 @@ def join_length(base, sigma, deficit, group, start, k):
     is convex, and its higher derivatives are >= 0 for L >= 0, so from any point right of
     the root Newton falls monotonically to it.  It starts from ``start``, an upper bound the
     caller knows (the previous join's length: join levels descend down a block,
-    docs/verifiers/optimal.md, step D), which is usually close to the root; only when that is
-    no better than the group's length does it first take the root of the quadratic part,
-    also an upper bound (the terms past a2 are >= 0) and the root itself for k = 2.  f is
+    docs/verifiers/optimal.md, step D), which is usually close to the root.  The root of the
+    quadratic part is also an upper bound (the terms past a2 are >= 0) and the root itself for
+    k = 2; it is where a cold start begins, and a warm start that turns out far from the root
+    (a step's ``c s`` above 0.1, where Newton's steps replace Halley's) drops to it: it is
+    close where the root is small and nearly double (a1 ~ 0), from which the steps would
+    come down only linearly.  f is
     evaluated as ``L h_k(base + L, base) - sigma L - deficit`` (``power_sum``: every term
     >= 0), so that a small L keeps its relative precision.
 
@@ -98,12 +111,9 @@ def join_length(base, sigma, deficit, group, start, k):
     first step.
     """
     a1 = k * power(base, k - 1) - sigma
-    if k == 2 or not 0 < start < group:
-        a2 = k * (k - 1) / 2 * power(base, k - 2)
-        disc = math.sqrt(a1 * a1 + 4 * a2 * deficit)
-        # the positive root of a2 L^2 + a1 L = deficit, cancellation-free for either sign of a1
-        quad = 2 * deficit / (a1 + disc) if a1 >= 0 else (disc - a1) / (2 * a2)
-        length = _fmin(group, quad)
+    have_quad = k == 2 or not 0 < start < group
+    if have_quad:
+        length = _quadratic_bound(base, a1, deficit, group, k)
         if k == 2 or not length > 0:
             return length
     else:
@@ -121,9 +131,15 @@ def join_length(base, sigma, deficit, group, start, k):
         inv = 1 / df
         newton = f * inv
         curve = 0.5 * ddf * inv * newton  # c s, c = f'' / (2 f')
+        if curve > 0.1:  # far from the root: Newton's step, which stays right of it
+            length -= newton
+            if not have_quad:  # and the quadratic root, close where the root is small and
+                have_quad = True  # nearly double, from which these steps come down slowly
+                length = min(length, _quadratic_bound(base, a1, deficit, group, k))
+            continue
         step = newton * (1 + curve * (1 + curve))  # Halley's s / (1 - c s), to O((c s)^3)
         length -= step
-        if curve <= 0.1 and 2 * curve * curve * step <= length * NEWTON_TOLERANCE:
+        if 2 * curve * curve * step <= length * NEWTON_TOLERANCE:
             return max(length, 0.0)
     # Still far from the root (a cold start for a large k, where the polynomial's Newton
     # steps shrink L only by ~1/k): Newton on the k-th-root form, nearly linear, as the
