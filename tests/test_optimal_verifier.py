@@ -300,15 +300,64 @@ def test_fused_ratio_sort_orders_exactly(row):
 
 @pytest.mark.parametrize("fused", PLANS)
 @pytest.mark.parametrize("rows", [torch.float64, torch.float32])
-def test_verify_follows_the_kernel_on_both_paths(fused, rows):
+@pytest.mark.parametrize("tuple_kind", ["random-verdict", "repeated-token"])
+def test_verify_follows_the_kernel_on_both_paths(fused, rows, tuple_kind, monkeypatch):
     """The fused verify (plan, race, coin and residual draw in one kernel call per row) and the
-    tensor one each sample the kernel of their own plan, given float64 or float32 rows."""
+    tensor one each sample the kernel of their own plan, given float64 or float32 rows, on a
+    likely tuple with a random verdict and on one that repeats a token."""
+    from multidraft.verifiers import optimal
+
+    calls = []
+    fused_verify = optimal._fused_verify
+    monkeypatch.setattr(optimal, "_fused_verify", lambda *a: calls.append(1) or fused_verify(*a))
     p, q = CASES["v6-dirichlet-a"]
     verifier = md.get_verifier("optimal", fused=fused)
     tuples, prob, kernels = md.proofs.enumeration.tuple_kernels(verifier, p, q, 3)
-    pick = int(torch.argmax(prob * (1 - kernels.max(1).values)))  # a likely tuple with a random verdict
+    score = prob * (1 - kernels.max(1).values)  # likely, with a random verdict
+    if tuple_kind == "repeated-token":
+        score = score * (tuples[:, 0] == tuples[:, 1])
+    pick = int(torch.argmax(score))
     drafts = tuples[pick].unsqueeze(0).expand(SAMPLES, -1).contiguous()
     tile = lambda x: x.to(rows).unsqueeze(0).expand(SAMPLES, -1).contiguous()  # noqa: E731
     verdict = verifier.verify(tile(p), tile(q), drafts, generator=torch.Generator().manual_seed(11))
+    assert len(calls) == (1 if fused else 0)  # the path under test is the one that ran
     counts = np.bincount(verdict.token.numpy(), minlength=p.shape[0])
     assert_law(counts, kernels[pick].numpy(), f"optimal(fused={fused}) verify on {rows}, drafts {tuples[pick].tolist()}")
+
+
+def test_both_verify_paths_emit_the_same_tokens_for_the_same_seed():
+    """Both draw [B, k + 2] uniforms the same way, so only rounding (at a CDF step, or a keep
+    probability within ~1e-12 of the coin) could part them."""
+    for k, vocab, seed in [(2, 300, 0), (3, 700, 1), (4, 2000, 2)]:
+        p, q = _llm_like(1000, vocab, seed=seed, noise=1.0, scale=2.0)
+        drafts = md.get_verifier("optimal").draft(q, k, torch.Generator().manual_seed(seed))
+        tokens = [md.get_verifier("optimal", fused=fused).verify(p, q, drafts, torch.Generator().manual_seed(7)).token
+                  for fused in (True, False)]
+        assert torch.equal(tokens[0], tokens[1]), (k, vocab)
+
+
+def test_fused_verify_is_the_same_on_any_number_of_threads():
+    p, q = _llm_like(7, 3000, seed=8, noise=1.0, scale=3.0)
+    verifier = md.get_verifier("optimal", fused=True)
+    drafts = verifier.draft(q, 3, torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = verifier.verify(p, q, drafts, torch.Generator().manual_seed(2)).token
+        torch.set_num_threads(3)
+        split = verifier.verify(p, q, drafts, torch.Generator().manual_seed(2)).token
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, split)
+
+
+def test_fused_scratch_always_fits_the_call():
+    """The kernel runs without bounds checks, so every scratch array it is handed must hold
+    WORK_ROWS rows of V + 1, whatever vocabulary sizes and row splits came before."""
+    from multidraft.verifiers.optimal import _Workspaces
+    from multidraft.verifiers.optimal_cpu import WORK_ROWS
+
+    spaces = _Workspaces()
+    for vocab, count in [(3000, 1), (32000, 2), (2000, 3), (3000, 4), (40000, 1), (5, 5)]:
+        got = spaces.get(vocab, count)
+        assert len(got) == count and all(w.shape[0] >= WORK_ROWS and w.shape[1] >= vocab + 1 for w in got), (vocab, count)

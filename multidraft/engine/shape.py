@@ -222,8 +222,8 @@ def time_shapes(target, draft, verifier: str, batches, shapes, max_new_tokens: i
                 device=None, **generate_options) -> dict:
     """{(k, D): median tokens/s} of decoding each batch of prompts in ``batches`` with each shape
     ((0, 0): plain decoding), a rate being total tokens over total seconds across the batches.
-    The shapes are timed in turn ``repeats`` times, so that a drift of the machine's speed falls
-    on all of them alike; each is warmed up first."""
+    The shapes are timed in turn ``repeats`` times, in alternating order, so that a drift of
+    the machine's speed falls on all of them alike; each is warmed up first."""
     def rate(shape, new_tokens):
         tokens = seconds = 0.0
         for prompts in batches:
@@ -239,8 +239,8 @@ def time_shapes(target, draft, verifier: str, batches, shapes, max_new_tokens: i
     for shape in shapes:
         rate(shape, 4)
     rates = {shape: [] for shape in shapes}
-    for _ in range(repeats):
-        for shape in shapes:
+    for repeat in range(repeats):  # forward, then backward: a drift within a round favours no one
+        for shape in shapes if repeat % 2 == 0 else shapes[::-1]:
             rates[shape].append(rate(shape, max_new_tokens))
     return {shape: statistics.median(r) for shape, r in rates.items()}
 
@@ -261,6 +261,19 @@ class ShapePolicy:
     overhead: dict  # {batch size: Overhead}
     margin: float = 0.05
     trials: dict = field(default_factory=dict)  # {batch size: {(k, D): measured tokens/s}}: time_shapes
+
+    def __post_init__(self):
+        if not 0.0 <= self.margin < 1.0:
+            raise ValueError(f"margin must be in [0, 1), got {self.margin}")
+        for b, trial in self.trials.items():
+            if b not in self.overhead:
+                raise ValueError(f"a trial at batch size {b} needs an overhead measured there; measured: {sorted(self.overhead)}")
+            if (0, 0) not in trial:
+                raise ValueError(f"the trial at batch size {b} must time plain decoding, (0, 0), the bar a shape must clear; got {sorted(trial)}")
+            for k, depth in trial:
+                if depth and not (k in self.acceptance and 1 <= depth <= len(self.acceptance[k])):
+                    raise ValueError(f"the trial at batch size {b} timed (k={k}, D={depth}), which the acceptance table "
+                                     f"(k in {sorted(self.acceptance)}) does not cover")
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -285,6 +298,9 @@ class ShapePolicy:
             shape = (0, 0)
         predicted = {(c.num_drafts, c.depth): c for c in rank_shapes(
             nearest, self.costs, self.acceptance, overhead_ms=self.overhead[nearest], request_efficiency=self.request_efficiency)}
+        if shape not in predicted:  # raced, but outside the measured costs: no prediction to carry
+            nan = float("nan")
+            return ShapeChoice(shape[0], shape[1], nan, nan, nan, trial[shape])
         return replace(predicted[shape], measured_tokens_per_second=trial[shape])
 
     @classmethod
@@ -326,7 +342,7 @@ class ShapePolicy:
             for b in batch_sizes:
                 ranked = rank_shapes(b, costs, acceptance, overhead_ms=overhead[b], request_efficiency=spread)
                 shortlist = [(c.num_drafts, c.depth) for c in ranked if c.depth][:trial_shapes] + [(0, 0)]
-                count = max(1, min(len(prompts), max(b, trial_requests)) // b)  # whole batches of b
+                count = max(1, min(len(prompts) // b, -(-trial_requests // b)))  # whole batches of b
                 batches = [prompts[i * b : (i + 1) * b] for i in range(count)]
                 trials[b] = time_shapes(target, draft, verifier, batches, shortlist, max_new_tokens, trial_repeats,
                                         device=device, **generate_options)

@@ -35,7 +35,7 @@ from .base import (
     first_match,
     register_verifier,
     sample_categorical,
-    sample_from_weights,
+    sample_from_weights_with,
 )
 
 # Newton steps for the join equation, after a quadratic upper bound that is exact for k = 2.
@@ -219,7 +219,7 @@ def _fused_plan(p: Tensor, q: Tensor, k: int) -> Plan:
 
 class _Workspaces(threading.local):
     """The fused kernel's scratch (``optimal_cpu.workspace``), kept per calling thread for the
-    last vocabulary size seen, one per chunk of rows, so that calls reuse warm memory."""
+    largest vocabulary size seen, one per chunk of rows, so that calls reuse warm memory."""
 
     def __init__(self):
         self.vocab, self.spaces = -1, []
@@ -227,10 +227,10 @@ class _Workspaces(threading.local):
     def get(self, vocab: int, count: int) -> list[numpy.ndarray]:
         from .optimal_cpu import workspace
 
-        if vocab != self.vocab:
+        if vocab > self.vocab:  # a larger one serves smaller vocabularies (the kernel slices :V)
             self.vocab, self.spaces = vocab, []
-        while len(self.spaces) < count:
-            self.spaces.append(workspace(vocab))
+        while len(self.spaces) < count:  # all of the largest size: any of them serves any call
+            self.spaces.append(workspace(self.vocab))
         return self.spaces[:count]
 
 
@@ -341,17 +341,10 @@ def _residual(p64: Tensor, marginal: Tensor) -> Tensor:
     return torch.where(mass > 0, residual / torch.where(mass > 0, mass, 1.0), p64)
 
 
-def _residual_draw(p64: Tensor, marginal: Tensor, generator, fused: bool | None) -> Tensor:
-    """One token per row [B] from ``_residual(p64, marginal)``: one scan per row in the fused
-    kernel on the CPU, tensor ops elsewhere."""
-    if not _runs_fused(fused, p64.device):
-        return sample_from_weights(_residual(p64, marginal), generator)
-    from .optimal_cpu import residual_draws
-
-    u = torch.rand(p64.shape[0], generator=generator, dtype=torch.float64)
-    out = torch.empty(p64.shape[0], dtype=torch.long)
-    residual_draws(p64.detach().contiguous().numpy(), marginal.contiguous().numpy(), u.numpy(), out.numpy())
-    return out
+def _verdict_uniforms(drafts: Tensor, generator) -> Tensor:
+    """[B, k + 2] float64 uniforms per node: the k bids', the keep coin's, the residual draw's.
+    Both paths draw them so, and so emit the same token for the same seed (up to rounding)."""
+    return torch.rand((drafts.shape[0], drafts.shape[1] + 2), generator=generator, device=drafts.device, dtype=torch.float64)
 
 
 def _fused_verify(p: Tensor, q: Tensor, drafts: Tensor, generator) -> Verdict:
@@ -364,9 +357,10 @@ def _fused_verify(p: Tensor, q: Tensor, drafts: Tensor, generator) -> Verdict:
         return x.detach().to(torch.float64).contiguous().numpy()
 
     p_np, q_np, d_np = rows_of(p), rows_of(q), drafts.detach().to(torch.long).contiguous().numpy()
-    u = torch.rand((drafts.shape[0], drafts.shape[1] + 2), generator=generator, dtype=torch.float64).numpy()
+    u = _verdict_uniforms(drafts, generator).numpy()
     token = torch.empty(drafts.shape[0], dtype=torch.long)
     out = token.numpy()
+
     def verify(rows: slice, work: numpy.ndarray) -> None:
         verify_rows(p_np[rows], q_np[rows], d_np[rows], u[rows], out[rows], work)
 
@@ -420,12 +414,12 @@ class Optimal(Verifier):
         if drafts.shape[1] > 1 and _runs_fused(self.fused, p.device):
             return _fused_verify(p, q, drafts, generator)
         p64 = as_law(p)
-        plan = _plan_of_laws(p64, as_law(q), drafts.shape[1], self.fused)
-        u = torch.rand(drafts.shape, generator=generator, device=p.device, dtype=torch.float64)
-        bids = u * plan.scale.gather(1, drafts)  # [B, k]: U_i * phi(x_i)
+        k = drafts.shape[1]
+        plan = _plan_of_laws(p64, as_law(q), k, self.fused)
+        u = _verdict_uniforms(drafts, generator)  # [B, k + 2], as the fused path draws them
+        bids = u[:, :k] * plan.scale.gather(1, drafts)  # [B, k]: U_i * phi(x_i)
         winner = drafts.gather(1, bids.argmax(dim=1, keepdim=True))  # [B, 1]
         keep = _keep_probability(p64, plan.marginal, winner)  # [B, 1]
-        coin = torch.rand(keep.shape, generator=generator, device=p.device, dtype=torch.float64)
-        fallback = _residual_draw(p64, plan.marginal, generator, self.fused)  # [B]
-        token = torch.where((coin < keep).squeeze(1), winner.squeeze(1), fallback)
+        fallback = sample_from_weights_with(_residual(p64, plan.marginal), u[:, k + 1 :])  # [B]
+        token = torch.where(u[:, k] < keep.squeeze(1), winner.squeeze(1), fallback)
         return Verdict(token, first_match(drafts, token))

@@ -257,7 +257,7 @@ def descending_ratio_order(ratio, order, packed, spare):
 @numba.njit(inline="always", **_JIT)
 def plan_row(p, q, k, scale_out, marginal_out, work):
     """One row's plan: writes the scales phi and the winner law s in token order.  ``work``:
-    scratch [WORK_ROWS, >= V + 1] (``workspace``)."""
+    scratch of at least [PLAN_WORK_ROWS, V + 1] (``workspace``)."""
     vocab = p.shape[0]
     ratio = work[0, :vocab]
     for t in range(vocab):
@@ -453,13 +453,6 @@ def residual_draw(p, marginal, u):
             if acc > goal:
                 break
     return last  # the last positive weight if rounding left acc <= goal
-
-
-@numba.njit(**_JIT)
-def residual_draws(p, marginal, u, out):
-    """out[b] = residual_draw of row b with the uniform u[b]."""
-    for b in range(p.shape[0]):
-        out[b] = residual_draw(p[b], marginal[b], u[b])
 
 
 @numba.njit(**_JIT)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -227,6 +228,31 @@ def test_a_trial_race_overrules_the_model_and_keeps_its_margin():
     assert one.tokens_per_second == predicted[1, 4].tokens_per_second
     sixteen = policy.choose(12)  # 3 % over plain decoding is inside the 5 % margin: decode plainly
     assert (sixteen.num_drafts, sixteen.depth, sixteen.measured_tokens_per_second) == (0, 0, 1000.0)
+    plain_wins = replace(policy, trials={1: {(2, 3): 90.0, (0, 0): 100.0}, 16: trials[16]})
+    assert plain_wins.choose(1).depth == 0 and plain_wins.choose(1).measured_tokens_per_second == 100.0
+    with pytest.raises(ValueError, match=r"must time plain decoding, \(0, 0\)"):
+        replace(policy, trials={1: {(2, 3): 120.0}})
+    with pytest.raises(ValueError, match="timed \\(k=4, D=2\\), which the acceptance table"):
+        replace(policy, trials={1: {(4, 2): 120.0, (0, 0): 100.0}})
+    with pytest.raises(ValueError, match="needs an overhead measured there"):
+        replace(policy, trials={4: {(0, 0): 100.0}})
+    with pytest.raises(ValueError, match="margin must be in"):
+        replace(policy, margin=1.5)
+
+
+def test_the_trial_race_runs_on_whole_batches_of_enough_requests(monkeypatch):
+    from multidraft.engine import shape
+
+    raced = {}
+    monkeypatch.setattr(shape, "measure_costs", lambda target, draft, batch_sizes, tokens, **kw: synthetic_costs(batch_sizes, tokens))
+    monkeypatch.setattr(shape, "calibrate_acceptance", lambda *a, **kw: ({2: [0.9] * 3}, {2: [2.0] * 4}))
+    monkeypatch.setattr(shape, "measure_overhead", lambda *a, **kw: Overhead(0.0, 0.0))
+    monkeypatch.setattr(shape, "time_shapes", lambda t, d, v, batches, shapes, *a, **kw:
+                        raced.setdefault(len(batches[0]), ([len(x) for x in batches], shapes)) and {s: 1.0 for s in shapes})
+    prompts = [[1, 2]] * 24
+    ShapePolicy.calibrate(None, None, "rrs", prompts, batch_sizes=[1, 3, 5, 24], ks=[2], max_depth=3)
+    assert raced[1][0] == [1] * 8 and raced[3][0] == [3] * 3 and raced[5][0] == [5] * 2 and raced[24][0] == [24]
+    assert all(shapes[-1] == (0, 0) and len(shapes) == 4 for _, shapes in raced.values())
 
 
 def test_rank_shapes_lists_every_option_fastest_first():
