@@ -361,3 +361,11 @@ def test_fused_scratch_always_fits_the_call():
     for vocab, count in [(3000, 1), (32000, 2), (2000, 3), (3000, 4), (40000, 1), (5, 5)]:
         got = spaces.get(vocab, count)
         assert len(got) == count and all(w.shape[0] >= WORK_ROWS and w.shape[1] >= vocab + 1 for w in got), (vocab, count)
+
+
+def test_fused_verify_checks_draft_ids_even_without_validation():
+    p, q = _llm_like(2, 50, seed=9, noise=1.0, scale=2.0)
+    verifier = md.get_verifier("optimal", fused=True, validate_args=False)
+    for bad in (torch.tensor([[1, 50], [2, 3]]), torch.tensor([[-1, 0], [2, 3]])):
+        with pytest.raises(ValueError, match=r"drafts must be token ids in \[0, 50\)"):
+            verifier.verify(p, q, bad, torch.Generator().manual_seed(0))

@@ -356,6 +356,12 @@ def _fused_verify(p: Tensor, q: Tensor, drafts: Tensor, generator) -> Verdict:
     def rows_of(x: Tensor) -> numpy.ndarray:  # float64 only: one compiled copy of the kernel
         return x.detach().to(torch.float64).contiguous().numpy()
 
+    vocab = p.shape[1]
+    if drafts.numel() and not 0 <= int(drafts.min()) <= int(drafts.max()) < vocab:
+        # checked even with validate_args=False: the kernel reads scale[draft] unchecked, and
+        # on the CPU the check costs no device sync
+        raise ValueError(f"drafts must be token ids in [0, {vocab}), got values in "
+                         f"[{int(drafts.min())}, {int(drafts.max())}]")
     p_np, q_np, d_np = rows_of(p), rows_of(q), drafts.detach().to(torch.long).contiguous().numpy()
     u = _verdict_uniforms(drafts, generator).numpy()
     token = torch.empty(drafts.shape[0], dtype=torch.long)
