@@ -292,11 +292,13 @@ def plan_row(p, q, k, scale_out, marginal_out, work):
     for i in range(cut):
         p_h += ps[i]
     q_acc = p_acc = 0.0
-    j = 0
+    j, jt = 0, cut
     for i in range(vocab):
         if i == cut:
             q_acc = p_acc = 0.0
         q_group[i], p_group[i] = q_acc, p_acc
+        if i >= cut and p_acc + rs[i] * q_below[i] > mass_t:
+            jt += 1
         q_acc += qs[i]
         p_acc += ps[i]
         if i < cut and (qs[i] == 0 or rs[i] * q_acc + (p_h - p_acc) > mass_h):
@@ -307,10 +309,6 @@ def plan_row(p, q, k, scale_out, marginal_out, work):
         cap = (mass_h - p_h + p_group[last] + ps[last]) / (q_group[last] + qs[last])
         if not math.isfinite(cap):
             cap = 0.0
-    jt = cut
-    for i in range(cut, vocab):
-        if p_group[i] + rs[i] * q_below[i] > mass_t:
-            jt += 1
     jt = min(jt, vocab - 1)
     floor = (mass_t - p_group[jt]) / q_below[jt]
     if not math.isfinite(floor):
@@ -359,18 +357,20 @@ def plan_row(p, q, k, scale_out, marginal_out, work):
     # 4. The winner's law from the scales used (optimal.race_marginal, Lemma 1):
     # s_i = q_i / phi_i * sum_{m >= i} phi_m d_m.
     scale = work[10, :vocab]
-    for i in range(vocab):
-        scale[i] = max(phi[i], _MIN_SCALE)
     beta = 0.0  # sum_{l <= m} q_l / phi_l
     piece = work[11, :vocab]
+    scale_next = max(phi[0], _MIN_SCALE)
     for m in range(vocab):
-        q_over_phi = qs[m] / scale[m]
+        scale_m = scale_next
+        scale[m] = scale_m
+        q_over_phi = qs[m] / scale_m
         beta += q_over_phi
-        slope = scale[m] * beta  # phi_m beta_m
+        slope = scale_m * beta  # phi_m beta_m
         if m + 1 < vocab:
-            next_ratio = scale[m + 1] / scale[m]
+            scale_next = max(phi[m + 1], _MIN_SCALE)
+            next_ratio = scale_next / scale_m
             # the join's own complement, unless the floor changed either scale
-            floored = scale[m + 1] != phi[m + 1] or scale[m] != phi[m]
+            floored = scale_next != phi[m + 1] or scale_m != phi[m]
             drop = 1 - next_ratio if floored else gap[m + 1]
         else:
             next_ratio, drop = 0.0, 1.0
