@@ -30,7 +30,7 @@ import torch
 
 from multidraft.engine import Engine, autoregressive_generate, demo_pair
 from multidraft.engine.pretrained import held_out_windows, load_ngram, load_pair
-from multidraft.engine.shape import ShapePolicy, forward_ms
+from multidraft.engine.shape import ShapePolicy, forward_ms, time_shapes
 
 # (verifier, engine shape): drafted sequences (num_drafts, depth), branching trees (widths: children per
 # node by depth; spechub's binary tree), and staged drafting (draft2: the shipped pair's byte bigram).
@@ -142,27 +142,13 @@ def run_adaptive(args) -> dict:
                                            **settings)
             choice, overhead = policy.choose(batch), policy.overhead[batch]
             shapes = {"adaptive": (choice.num_drafts, choice.depth), **{f"k{k} D{d}": (k, d) for k, d in FIXED_SHAPES}}
-            rates = {name: [] for name in shapes}
-            base_rates = []
-            def tokens_per_second(k: int, depth: int) -> float:
-                """Over all evaluation batches: total tokens / total seconds."""
-                tokens = seconds = 0.0
-                for prompts in batches:
-                    if depth == 0:
-                        stats = autoregressive_generate(target, prompts, args.new_tokens, device="cpu", **settings).stats
-                    else:
-                        engine = Engine(target, draft, verifier=args.adaptive_verifier, num_drafts=k, depth=depth, device="cpu")
-                        stats = engine.generate(prompts, args.new_tokens, **settings).stats
-                    tokens, seconds = tokens + stats.new_tokens, seconds + stats.seconds
-                return tokens / seconds
-
-            for _ in range(args.repeats):  # alternate, so every shape sees the same machine load
-                base_rates.append(tokens_per_second(0, 0))
-                for name, (k, depth) in shapes.items():
-                    rates[name].append(tokens_per_second(k, depth))
-            median = {name: statistics.median(r) for name, r in rates.items()}
+            # every shape and plain decoding over all evaluation batches, alternately (time_shapes);
+            # a shape listed twice (the choice is also a fixed shape) is timed once
+            measured = time_shapes(target, draft, args.adaptive_verifier, batches, [(0, 0), *shapes.values()],
+                                   args.new_tokens, args.repeats, device="cpu", **settings)
+            median = {name: measured[shape] for name, shape in shapes.items()}
             best_fixed = max((name for name in shapes if name != "adaptive"), key=median.get)
-            base = statistics.median(base_rates)
+            base = measured[0, 0]
             row = {"batch": batch, "temperature": temperature, "k": choice.num_drafts, "depth": choice.depth,
                    "predicted_block_efficiency": choice.block_efficiency, "predicted_tokens_per_s": choice.tokens_per_second,
                    "overhead_per_round_ms": overhead.per_round_ms, "overhead_per_depth_ms": overhead.per_depth_ms,

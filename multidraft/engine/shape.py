@@ -292,9 +292,8 @@ class ShapePolicy:
         if not trial:
             return choose_shape(nearest, self.costs, self.acceptance, overhead_ms=self.overhead[nearest],
                                 margin=self.margin, request_efficiency=self.request_efficiency)
-        plain_rate = trial.get((0, 0), 0.0)
         shape = max(trial, key=trial.get)
-        if shape != (0, 0) and trial[shape] <= plain_rate * (1 + self.margin):
+        if shape != (0, 0) and trial[shape] <= trial[0, 0] * (1 + self.margin):  # (0, 0): validated present
             shape = (0, 0)
         predicted = {(c.num_drafts, c.depth): c for c in rank_shapes(
             nearest, self.costs, self.acceptance, overhead_ms=self.overhead[nearest], request_efficiency=self.request_efficiency)}
