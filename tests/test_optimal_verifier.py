@@ -255,16 +255,20 @@ def test_without_numba_the_tensor_plan_serves(monkeypatch):
         optimal_plan(p, q, 3, fused=True)
 
 
+def _on_threads(threads: int, fn):
+    """fn() with torch's thread count (the fused kernel's row split) set to ``threads``."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_fused_rows_split_over_threads_give_the_same_plan():
     p, q = _llm_like(5, 2000, seed=5, noise=1.0, scale=3.0)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = optimal_plan(p, q, 3, fused=True)
-        torch.set_num_threads(3)  # 5 rows in chunks of 1-2, on three threads
-        split = optimal_plan(p, q, 3, fused=True)
-    finally:
-        torch.set_num_threads(threads)
+    one = _on_threads(1, lambda: optimal_plan(p, q, 3, fused=True))
+    split = _on_threads(3, lambda: optimal_plan(p, q, 3, fused=True))  # 5 rows in chunks of 1-2, on three threads
     assert torch.equal(one.scale, split.scale) and torch.equal(one.marginal, split.marginal)
 
 
@@ -340,14 +344,7 @@ def test_fused_verify_is_the_same_on_any_number_of_threads():
     p, q = _llm_like(7, 3000, seed=8, noise=1.0, scale=3.0)
     verifier = md.get_verifier("optimal", fused=True)
     drafts = verifier.draft(q, 3, torch.Generator().manual_seed(1))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = verifier.verify(p, q, drafts, torch.Generator().manual_seed(2)).token
-        torch.set_num_threads(3)
-        split = verifier.verify(p, q, drafts, torch.Generator().manual_seed(2)).token
-    finally:
-        torch.set_num_threads(threads)
+    one, split = (_on_threads(n, lambda: verifier.verify(p, q, drafts, torch.Generator().manual_seed(2)).token) for n in (1, 3))
     assert torch.equal(one, split)
 
 

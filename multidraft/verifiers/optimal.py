@@ -188,7 +188,7 @@ def _have_numba() -> bool:
 
 
 def _runs_fused(fused: bool | None, device: torch.device) -> bool:
-    """Whether the plan and residual draw run in the fused CPU kernel (None: on the CPU, when
+    """Whether the plan and the verdict run in the fused CPU kernel (None: on the CPU, when
     numba is installed -- a dependency of the package, but the tensor plan serves without it)."""
     if fused is None:
         return device.type == "cpu" and _have_numba()

@@ -247,8 +247,12 @@ def test_the_trial_race_runs_on_whole_batches_of_enough_requests(monkeypatch):
     monkeypatch.setattr(shape, "measure_costs", lambda target, draft, batch_sizes, tokens, **kw: synthetic_costs(batch_sizes, tokens))
     monkeypatch.setattr(shape, "calibrate_acceptance", lambda *a, **kw: ({2: [0.9] * 3}, {2: [2.0] * 4}))
     monkeypatch.setattr(shape, "measure_overhead", lambda *a, **kw: Overhead(0.0, 0.0))
-    monkeypatch.setattr(shape, "time_shapes", lambda t, d, v, batches, shapes, *a, **kw:
-                        raced.setdefault(len(batches[0]), ([len(x) for x in batches], shapes)) and {s: 1.0 for s in shapes})
+
+    def race(target, draft, verifier, batches, shapes, *args, **kwargs):  # records what was raced
+        raced[len(batches[0])] = ([len(x) for x in batches], shapes)
+        return {s: 1.0 for s in shapes}
+
+    monkeypatch.setattr(shape, "time_shapes", race)
     prompts = [[1, 2]] * 24
     ShapePolicy.calibrate(None, None, "rrs", prompts, batch_sizes=[1, 3, 5, 24], ks=[2], max_depth=3)
     assert raced[1][0] == [1] * 8 and raced[3][0] == [3] * 3 and raced[5][0] == [5] * 2 and raced[24][0] == [24]
