@@ -126,8 +126,8 @@ def test_repair_keeps_a_perturbed_solution_exact(monkeypatch):
     solve = otm.solve_lp
     rng = np.random.default_rng(0)
 
-    def sloppy(a_ub, b_ub):
-        result = solve(a_ub, b_ub)
+    def sloppy(a_ub, b_ub, **options):
+        result = solve(a_ub, b_ub, **options)
         result.x = result.x * (1 + 1e-6 * rng.standard_normal(result.x.size)) + 1e-7 * rng.standard_normal(result.x.size)
         return result
 
@@ -199,9 +199,9 @@ def _count_solves(monkeypatch) -> list:
     calls = []
     solve = otm.solve_transport
 
-    def counted(p, q, k):
+    def counted(p, q, k, *args):
         calls.append(k)
-        return solve(p, q, k)
+        return solve(p, q, k, *args)
 
     monkeypatch.setattr(otm, "solve_transport", counted)
     return calls

@@ -74,19 +74,29 @@ def count_multisets(s: int, k: int) -> int:
     return math.comb(s + k - 1, k) if s > 0 else 0
 
 
-def count_variables(s: int, k: int) -> int:
-    """Pairs (multiset m, distinct token y in m): s * C(s+k-2, k-1), an upper bound on the LP's
-    variables (tokens with p = 0 are left out)."""
+def count_variables(s: int, k: int, distinct: bool = False) -> int:
+    """Pairs (draft set m, distinct token y in m), an upper bound on the LP's variables (tokens
+    with p = 0 are left out): s * C(s+k-2, k-1) for multisets, k * C(s, k) for k-subsets."""
+    if distinct:
+        return k * math.comb(s, k)
     return s * math.comb(s + k - 2, k - 1) if s > 0 else 0
 
 
-class MultisetIndex(NamedTuple):
-    """The multisets of size k over range(s), in colexicographic rank order."""
+class DraftSetIndex(NamedTuple):
+    """The unordered draft sets of size k over range(s), in colexicographic rank order: multisets
+    for i.i.d. drafts, k-subsets for distinct ones (``optimal-wor``)."""
 
     members: np.ndarray  # [M, k] int64, each row sorted ascending
     first: np.ndarray  # [M, k] bool: slot j holds the first occurrence of its token
-    coef: np.ndarray  # [M] float64 multinomial coefficient k! / prod(multiplicity!)
+    coef: np.ndarray  # [M] float64 multinomial coefficient k! / prod(multiplicity!) (1 for k-subsets)
     binom: np.ndarray  # [s+k, k+1] int64 binomial table for ranking
+    distinct: bool  # k-subsets (no repeats) rather than multisets
+
+    def rank(self, members: np.ndarray) -> np.ndarray:
+        """Colex rank [n] of sorted sets [n, k] of this kind."""
+        if not self.distinct:
+            return multiset_rank(members, self.binom)
+        return self.binom[members, np.arange(1, members.shape[1] + 1)].sum(axis=1)
 
 
 def binomial_table(n: int, r: int) -> np.ndarray:
@@ -109,7 +119,7 @@ def multiset_rank(members: np.ndarray, binom: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def multiset_index(s: int, k: int) -> MultisetIndex:
+def multiset_index(s: int, k: int) -> DraftSetIndex:
     """Enumerate the C(s+k-1, k) multisets once per (s, k); they depend on nothing else."""
     count = count_multisets(s, k)
     flat = itertools.chain.from_iterable(itertools.combinations_with_replacement(range(s), k))
@@ -123,7 +133,45 @@ def multiset_index(s: int, k: int) -> MultisetIndex:
     for j in range(1, k):
         run[:, j] = np.where(members[:, j] == members[:, j - 1], run[:, j - 1] + 1, 1)
     coef = math.factorial(k) / run.prod(axis=1).astype(np.float64)
-    return MultisetIndex(members, run == 1, coef, binom)
+    return DraftSetIndex(members, run == 1, coef, binom, distinct=False)
+
+
+@functools.lru_cache(maxsize=8)
+def subset_index(s: int, k: int) -> DraftSetIndex:
+    """Enumerate the C(s, k) k-subsets once per (s, k), in colex order (rank sum_j C(c_j, j+1))."""
+    count = math.comb(s, k)
+    flat = itertools.chain.from_iterable(itertools.combinations(range(s), k))
+    lex = np.fromiter(flat, dtype=np.int64, count=count * k).reshape(count, k)
+    index = DraftSetIndex(lex, np.ones_like(lex, dtype=bool), np.ones(count), binomial_table(s + k, k), distinct=True)
+    members = np.empty_like(lex)
+    members[index.rank(lex)] = lex
+    return index._replace(members=members)
+
+
+def set_mass(index: DraftSetIndex, q_s: np.ndarray) -> np.ndarray:
+    """[M] probability that the k drafts form each set: k i.i.d. draws from q for multisets,
+    k sequential draws without replacement (rrs-wor's scheme) for k-subsets."""
+    members = index.members
+    if not index.distinct:
+        return index.coef * q_s[members].prod(axis=1)
+    # Over the 2^k subsets A of a set's slots (bit masks), first[A] = P(the first |A| draws are
+    # A's tokens, in any order) = sum over the last one drawn, x in A, of
+    # first[A - x] * q(x) / (mass not yet drawn before it): 2^k k steps where the k! orderings
+    # would take k! k.
+    k = members.shape[1]
+    qx = q_s[members]  # [M, k]
+    total = q_s.sum()
+    first = np.zeros((1 << k, members.shape[0]))
+    drawn = np.zeros((1 << k, members.shape[0]))  # q-mass of A's tokens
+    first[0] = 1.0
+    for mask in range(1, 1 << k):
+        low = (mask & -mask).bit_length() - 1
+        drawn[mask] = drawn[mask & (mask - 1)] + qx[:, low]
+        for j in range(k):
+            if mask >> j & 1:
+                before = mask ^ (1 << j)
+                first[mask] += first[before] * qx[:, j] / (total - drawn[before])
+    return first[-1]
 
 
 class TransportPlan(NamedTuple):
@@ -135,32 +183,35 @@ class TransportPlan(NamedTuple):
     reject: np.ndarray  # [M] 1 - sum of accept over the row
     residual: np.ndarray  # [V] res, a distribution (p itself where no mass is left)
     acceptance: float  # exact P(emitted token is a draft) under this kernel
-    index: MultisetIndex
+    index: DraftSetIndex
 
 
-def too_large_error(s: int, k: int, limit: int, row: int | None = None) -> ValueError:
+def too_large_error(name: str, s: int, k: int, limit: int, distinct: bool, row: int | None = None) -> ValueError:
     where = "" if row is None else f" (row {row})"
+    sets = f"{math.comb(s, k)} k-subsets" if distinct else f"{count_multisets(s, k)} multisets"
     return ValueError(
-        f"otm is exponential in k: k = {k} drafts over the s = {s} tokens in q's support{where} "
-        f"give {count_multisets(s, k)} multisets and up to {count_variables(s, k)} LP variables, "
+        f"{name} is exponential in k: k = {k} drafts over the s = {s} tokens in q's support{where} "
+        f"give {sets} and up to {count_variables(s, k, distinct)} LP variables, "
         f"above the limit max_variables = {limit}; use a smaller k, truncate q (top-k / top-p), "
         f"or a verifier without an LP (e.g. 'spechub', 'rrs')"
     )
 
 
-def solve_transport(p: np.ndarray, q: np.ndarray, k: int) -> TransportPlan:
-    """Solve the LP for one row (p, q float64 [V]) and repair it to exact feasibility."""
+def solve_transport(p: np.ndarray, q: np.ndarray, k: int, distinct: bool = False) -> TransportPlan:
+    """Solve the LP for one row (p, q float64 [V]) and repair it to exact feasibility; the draft
+    sets are multisets of k i.i.d. drafts, or with ``distinct`` k-subsets drawn without
+    replacement."""
     support = np.flatnonzero(q > 0)
     s = support.size
     rank_of_token = np.full(q.size, -1, dtype=np.int64)
     rank_of_token[support] = np.arange(s)
-    index = multiset_index(s, k)
+    index = subset_index(s, k) if distinct else multiset_index(s, k)
     members, first = index.members, index.first
     count = members.shape[0]
     p_s, q_s = p[support], q[support]  # [s]
-    mass = index.coef * q_s[members].prod(axis=1)  # [M] Q(m)
+    mass = set_mass(index, q_s)  # [M] Q(m)
 
-    # One variable per (multiset, first slot of a token) with p > 0: a token the target never
+    # One variable per (set, first slot of a token) with p > 0: a token the target never
     # emits can carry no accepted mass.
     live = first & (p_s[members] > 0)  # [M, k]
     var_row, var_slot = np.nonzero(live)  # [n] each
@@ -168,14 +219,16 @@ def solve_transport(p: np.ndarray, q: np.ndarray, k: int) -> TransportPlan:
     n = var_row.size
     x = np.zeros(n)
     if k == 1:
-        # Each multiset is one token and each token one multiset: the LP decouples into
+        # Each set is one token and each token one set: the LP decouples into
         # a(y) = min(q(y), p(y)), ordinary speculative sampling.
         x = np.minimum(mass[var_row], p_s[var_token])
     elif n:
         # Constraint rows: 0..M-1 the multisets, M..M+s-1 the tokens; two nonzeros per column.
         rows = np.stack([var_row, count + var_token], axis=1).ravel()
         a_ub = sp.csc_array((np.ones(2 * n), rows, np.arange(0, 2 * n + 1, 2)), shape=(count + s, n))
-        result = solve_lp(a_ub, np.concatenate([mass, p_s]))
+        # Without replacement at k = 2, dual simplex took 0.4x the interior point's time
+        # (docs/verifiers/optimal-wor.md); elsewhere the interior point is as fast or faster.
+        result = solve_lp(a_ub, np.concatenate([mass, p_s]), simplex_first=distinct and k == 2)
         x = repair(result.x, var_row, var_token, mass, p_s)
 
     accept = np.zeros((count, k))
@@ -202,16 +255,17 @@ def solve_transport(p: np.ndarray, q: np.ndarray, k: int) -> TransportPlan:
     return TransportPlan(support, rank_of_token, accept, reject, residual, acceptance, index)
 
 
-def solve_lp(a_ub, b_ub: np.ndarray):
+def solve_lp(a_ub, b_ub: np.ndarray, simplex_first: bool = False):
     """maximize sum x s.t. a_ub x <= b_ub, x >= 0, with HiGHS: interior point + crossover, and
-    dual simplex if that does not report an optimum (it has not happened in our tests)."""
+    dual simplex if that does not report an optimum (it has not happened in our tests); with
+    ``simplex_first`` the other way round."""
     c = -np.ones(a_ub.shape[1])
-    result = linprog(c, A_ub=a_ub, b_ub=b_ub, bounds=(0, None), method="highs-ipm", options=IPM_OPTIONS)
-    if result.status != 0 or result.x is None:
-        result = linprog(c, A_ub=a_ub, b_ub=b_ub, bounds=(0, None), method="highs-ds", options=SIMPLEX_OPTIONS)
-    if result.status != 0 or result.x is None:
-        raise RuntimeError(f"otm: HiGHS found no optimum of the transport LP: {result.message}")
-    return result
+    methods = [("highs-ipm", IPM_OPTIONS), ("highs-ds", SIMPLEX_OPTIONS)]
+    for method, options in methods[::-1] if simplex_first else methods:
+        result = linprog(c, A_ub=a_ub, b_ub=b_ub, bounds=(0, None), method=method, options=options)
+        if result.status == 0 and result.x is not None:
+            return result
+    raise RuntimeError(f"HiGHS found no optimum of the transport LP: {result.message}")
 
 
 def repair(x: np.ndarray, var_row, var_token, mass: np.ndarray, p_s: np.ndarray) -> np.ndarray:
@@ -232,6 +286,8 @@ class OptimalTransport(Verifier):
 
     iid_drafts = True
     exact_acceptance = True
+    # The LP's draft sets: multisets of i.i.d. drafts here, k-subsets in optimal_wor.py.
+    distinct_sets = False
 
     def __init__(
         self,
@@ -262,8 +318,8 @@ class OptimalTransport(Verifier):
         # some LPs (and a large V fails in microseconds).
         support = (q > 0).sum(dim=-1)  # [B]
         worst = int(torch.argmax(support))
-        if count_variables(int(support[worst]), k) > self.max_variables:
-            raise too_large_error(int(support[worst]), k, self.max_variables, worst)
+        if count_variables(int(support[worst]), k, self.distinct_sets) > self.max_variables:
+            raise too_large_error(self.name, int(support[worst]), k, self.max_variables, self.distinct_sets, worst)
         p64 = p.detach().to("cpu", torch.float64).numpy()
         q64 = q.detach().to("cpu", torch.float64).numpy()
         first, inverse = distinct_rows(np.concatenate([p64, q64], axis=1))
@@ -277,9 +333,9 @@ class OptimalTransport(Verifier):
             self._cache.move_to_end(key)
             return found
         s = int((q > 0).sum())
-        if count_variables(s, k) > self.max_variables:
-            raise too_large_error(s, k, self.max_variables)
-        found = solve_transport(p, q, k)
+        if count_variables(s, k, self.distinct_sets) > self.max_variables:
+            raise too_large_error(self.name, s, k, self.max_variables, self.distinct_sets)
+        found = solve_transport(p, q, k, self.distinct_sets)
         if self.cache_size:
             self._cache[key] = found
             while len(self._cache) > self.cache_size:
@@ -335,15 +391,17 @@ def distinct_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def kernel_rows(plan: TransportPlan, tokens: np.ndarray) -> np.ndarray:
     """Kernels [n, V] of the ordered tuples ``tokens`` [n, k] under one plan."""
-    ranks = np.sort(plan.rank_of_token[tokens], axis=1)  # [n, k] the multisets, sorted
+    ranks = np.sort(plan.rank_of_token[tokens], axis=1)  # [n, k] the draft sets, sorted
     valid = ranks[:, 0] >= 0  # a token with q = 0 has rank -1 and sorts first
-    m = multiset_rank(np.where(valid[:, None], ranks, 0), plan.index.binom)  # [n]
+    if plan.index.distinct:  # a repeat is impossible without replacement
+        valid &= (ranks[:, 1:] != ranks[:, :-1]).all(axis=1)
+    m = plan.index.rank(np.where(valid[:, None], ranks, 0))  # [n]
     out = plan.reject[m, None] * plan.residual[None, :]  # [n, V]
     arange = np.arange(tokens.shape[0])
     for j in range(ranks.shape[1]):
         # Only the first slot of a token carries mass, so repeated tokens add 0.
         out[arange, plan.support[np.where(valid, ranks[:, j], 0)]] += plan.accept[m, j]
-    # A tuple with a token outside q's support has draft probability 0; any distribution will
-    # do, and the residual is one.
+    # A tuple with a token outside q's support (or, without replacement, a repeat) has draft
+    # probability 0; any distribution will do, and the residual is one.
     out[~valid] = plan.residual
     return out

@@ -43,6 +43,7 @@ PLAN = [
     ("rrs-wor", 2, 2, {}, 0.0, SAMPLES // 2),  # distinct root drafts, one survivor per child
     # k = 3 distinct drafts but top-k 2 leaves two tokens: the root draws both (fewer drafts)
     ("rrs-wor", 3, 2, {"top_k": 2}, 0.0, SAMPLES // 2),
+    ("optimal-wor", 2, 2, {}, 0.0, SAMPLES // 2),  # the LP over k-subsets, one per context
 ]
 
 
