@@ -18,6 +18,7 @@ import itertools
 import torch
 from torch import Tensor
 
+from ..quadrature import exp_sinh_nodes
 from ..verifiers.base import Verifier
 from .enumeration import as_distribution, draft_law
 
@@ -48,21 +49,9 @@ def optimal_acceptance_iid(p: Tensor, q: Tensor, k: int) -> Tensor:
     return 1 - gap
 
 
-# Exp-sinh quadrature for the without-replacement optimum: t = exp(pi/2 sinh(tau)) on a uniform
-# tau grid.  Step and range checked against exact enumeration (error ~1e-14; docs/proofs).
-WOR_STEP = 1 / 32
-WOR_TAU = 4.5
+# Blocking of the without-replacement optimum's prefix scan (its quadrature: multidraft/quadrature.py).
 WOR_BLOCK = 256  # tokens per block of the prefix scan (at most)
 WOR_CHUNK_ENTRIES = 1 << 23  # nodes per pass are limited to this many [nodes, V, k] entries
-
-
-def exp_sinh_nodes(step: float = WOR_STEP, reach: float = WOR_TAU) -> tuple[Tensor, Tensor]:
-    """Nodes t [N] and weights w [N] with sum(w f(t)) ~ integral_0^inf f(t) dt for f smooth on
-    (0, inf) and decaying at infinity; the substitution makes both ends decay doubly exponentially,
-    so t from 1e-19 to 1e18 is covered and endpoint behaviour costs no accuracy."""
-    tau = torch.arange(-reach, reach + step / 2, step, dtype=torch.float64)
-    t = torch.exp(torch.pi / 2 * torch.sinh(tau))
-    return t, step * t * torch.pi / 2 * torch.cosh(tau)
 
 
 def prefix_below_k(rang: Tensor, k: int) -> Tensor:

@@ -9,6 +9,6 @@ from .base import (
 )
 
 # Importing a verifier module registers it.
-from . import single, rrs, rrs_wor, kseq, greedy, spechub, otm, optimal, optimal_wor, importance  # noqa: E402,F401
+from . import single, rrs, rrs_wor, kseq, greedy, spechub, otm, optimal, optimal_wor, importance, gls  # noqa: E402,F401
 
 __all__ = ["Verdict", "Verifier", "available_verifiers", "get_verifier", "register_verifier"]

@@ -31,6 +31,7 @@ __all__ = [
     "available_verifiers",
     "get_verifier",
     "register_verifier",
+    "as_law",
     "sample_from_weights",
     "sample_from_weights_with",
     "sample_categorical",
@@ -251,6 +252,15 @@ def check_drafts(drafts: Tensor, q: Tensor, require_positive_q: bool) -> None:
 
 
 # ---- sampling helpers shared by verifiers -----------------------------------------------
+
+
+def as_law(x: Tensor) -> Tensor:
+    """Rows [B, V] in float64, renormalized: for verifiers whose arithmetic takes p and q to be
+    exact distributions (optimal's plan, gls's quadratures).  Float32 rows sum to 1 only within
+    ~1e-6, which at large k moves q(T)^k by more than optimal's tolerance; the output law is
+    then the renormalized row."""
+    x = x.to(torch.float64)
+    return x / x.sum(dim=-1, keepdim=True)
 
 
 def sample_from_weights(weights: Tensor, generator: torch.Generator | None = None) -> Tensor:

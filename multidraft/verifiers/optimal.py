@@ -32,6 +32,7 @@ from torch import Tensor
 from .base import (
     Verdict,
     Verifier,
+    as_law,
     first_match,
     register_verifier,
     sample_categorical,
@@ -151,14 +152,6 @@ def _join_lengths(base: Tensor, sigma: Tensor, deficit: Tensor, group: Tensor, k
         slope = 1 - sigma / k * log_tau.mul_(1 - k).exp_()  # H'(L), > 0 right of the root
         length = torch.fmin(length - h / slope, length).clamp_(min=0)  # never up; nan: stay
     return length
-
-
-def as_law(x: Tensor) -> Tensor:
-    """Rows [B, V] in float64, renormalized: the plan's arithmetic takes p and q to be exact
-    distributions, and float32 rows sum to 1 only within ~1e-6, which at large k moves q(T)^k
-    by more than the plan's tolerance (and a row off by that much is off in every verifier)."""
-    x = x.to(torch.float64)
-    return x / x.sum(dim=-1, keepdim=True)
 
 
 def optimal_plan(p: Tensor, q: Tensor, k: int, fused: bool | None = None) -> Plan:
