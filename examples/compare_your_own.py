@@ -35,4 +35,4 @@ for temperature in (0.6, 1.0):
             cells.append(f"{float(rate):10.4f}")
         optimum = float(md.proofs.optimal_acceptance(p, q, k)[0])
         print(f"{k:>3} {optimum:8.4f}  " + " ".join(cells))
-print("\n(rrs-wor, greedy and spechub draw distinct or deterministic drafts: another draft law, so they can exceed the i.i.d. optimum)")
+print("\n(rrs-wor, optimal-wor, greedy and spechub draw distinct or deterministic drafts: another draft law, so they can exceed the i.i.d. optimum)")

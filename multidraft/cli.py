@@ -165,7 +165,10 @@ def cmd_generate(args) -> int:
     print(f"\nverifier {args.verifier}  {shape}  batch={args.batch}  T={args.temperature}")
     staged = f"   draft2 passes {s.draft2_passes}" if draft2 is not None else ""
     print(f"block efficiency {s.block_efficiency:.3f} tokens/pass   target passes {s.target_passes}   draft passes {s.draft_passes}{staged}")
-    if s.acceptance_by_depth:  # plain decoding (an adaptive choice) has no depths
+    if args.adaptive:  # the shape follows the batch as requests finish
+        used = ", ".join(f"{'plain' if d == 0 else f'k={k} depth={d}'}: {r}" for (k, d), r in sorted(s.rounds_by_shape.items()))
+        print(f"rounds by shape  {used}")
+    if any(reached for reached in s.reached_by_depth):  # plain decoding (an adaptive choice) has no depths
         print("acceptance by depth " + " ".join(f"{a:.3f}" for a in s.acceptance_by_depth))
     print(f"{s.new_tokens} tokens in {s.seconds:.3f} s = {s.tokens_per_second:.1f} tokens/s")
     if args.compare:

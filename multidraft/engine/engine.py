@@ -53,6 +53,7 @@ class GenerationStats:
     reached_by_depth: list[int] = field(default_factory=list)  # walks that reached depth d's drafts
     accepted_by_depth: list[int] = field(default_factory=list)  # ... and accepted one of them
     acceptance_by_depth: list[float] = field(default_factory=list)  # accepted / reached per depth
+    rounds_by_shape: dict = field(default_factory=dict)  # {(k, D): rounds}; (0, 0) a plain decoding step
     seconds: float = 0.0
     tokens_per_second: float = 0.0
 
@@ -497,6 +498,20 @@ def commit_round(cache, pending_count, pending_width, node_slots, accepted, acti
     cache.commit(keep, num_keep)
 
 
+def plain_step(model, cache, seq, seq_len, sampling, random: RequestRandom, active) -> Tensor:
+    """One plain decoding step: a forward over the pending tokens, one token [B] sampled from p
+    after the last (greedy: its argmax), the pending tokens committed for active requests."""
+    ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)  # [B, P]
+    logits = model_forward(model, cache, ids, pos, pending_rows(valid))  # [B, P, V]
+    last = (count - 1).view(-1, 1, 1).expand(-1, 1, logits.shape[-1])
+    probs = logits_to_probs(logits.gather(1, last).squeeze(1), sampling)  # [B, V]
+    every = torch.arange(seq.shape[0], device=seq.device)
+    token = random.draw(sample_from_weights, every, probs)  # greedy: p is one-hot at the argmax
+    cache.commit(torch.arange(valid.shape[1], device=seq.device).expand(seq.shape[0], -1),
+                 torch.where(active, count, torch.zeros_like(count)))
+    return token
+
+
 def append_tokens(seq, seq_len, emitted, accepted, active):
     """Write the round's accepted[b] + 1 tokens after seq_len[b] (active requests only)."""
     bsz, width = emitted.shape
@@ -723,9 +738,23 @@ class Engine:
         staged = f", draft2={type(self.draft2).__name__}" if self.draft2 is not None else ""
         return f"Engine(verifier={self.verifier.name!r}, {shape}{staged}, device={str(self.device)!r})"
 
-    @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | list[int] | None = None, eos_token_id: int | None = None) -> GenerationOutput:
+        return self.decode(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id)
+
+    @torch.no_grad()
+    def decode(self, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | list[int] | None = None, eos_token_id: int | None = None,
+               shape_for_batch=None) -> GenerationOutput:
+        """``generate``, with the speculation shape re-chosen every round: ``shape_for_batch(rows)``
+        gives (k, D) for the number of unfinished requests, with k <= num_drafts and
+        D <= depth (the caches are sized for those), or (0, 0) for a plain decoding step
+        (AdaptiveEngine: the batch shrinks as requests finish, and a smaller batch may
+        speculate deeper).  Each round is exact given everything before it, so the output law
+        is the target's whatever the shapes; a request's tokens then depend on the batch it is
+        in, not only on its seed.  Drafted sequences only (no widths, no draft2)."""
+        if shape_for_batch is not None and (self.widths is not None or self.draft2 is not None):
+            raise ValueError("a shape chosen per round needs drafted sequences: no widths, no draft2")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if eos_token_id is not None and not (0 <= eos_token_id < self.vocab_size):
@@ -747,7 +776,8 @@ class Engine:
 
         # Explicit cache setup.  A request below n tokens adds at most depth + 1, so sequences
         # stay within Tmax + n + depth; a forward also needs room for the pending tokens (<= 2
-        # after the first round) and the depth * k tree slots.  Staged drafting writes at most
+        # after the first round; after plain steps the draft's pending tokens are tokens it has
+        # not cached, so its cache still holds at most the sequence) and the depth * k tree slots.  Staged drafting writes at most
         # k (depth - 1) slots in each of at most depth - 1 speculation steps.
         t_max = prompts.shape[1]
         max_len = t_max + n + depth + 2 + depth * k
@@ -768,31 +798,24 @@ class Engine:
         while request.numel():
             active = torch.ones(request.numel(), dtype=torch.bool, device=device)  # the batch holds unfinished requests only
             row_prompt_len = prompt_len[request]  # [rows]
-            if self.draft2 is None:
-                tree = draft_tree(self.draft, draft_cache, seq, seq_len, verifier, k, depth, sampling, random, self.widths)
-                passes, passes2 = depth, 0
+            k, depth = (self.num_drafts, self.depth) if shape_for_batch is None else shape_for_batch(request.numel())
+            if (k, depth) != (0, 0) and not (1 <= k <= self.num_drafts and 1 <= depth <= self.depth):
+                raise ValueError(f"shape_for_batch({request.numel()}) gave (k={k}, D={depth}); this engine's caches hold "
+                                 f"k <= {self.num_drafts} and D <= {self.depth}, or (0, 0) for a plain step")
+            if depth == 0:  # a plain decoding step; the draft catches up on these tokens when it next runs
+                emitted = plain_step(self.target, target_cache, seq, seq_len, sampling, random, active).unsqueeze(1)  # [B, 1]
+                accepted = torch.zeros_like(seq_len)
+                passes, passes2 = 0, 0
             else:
-                tree, staged = draft_tree_staged(self.draft, self.draft2, draft_cache, draft2_cache, seq, seq_len, verifier, k,
-                                                 depth, sampling, random)
-                passes, passes2 = staged.passes, staged.passes2
-            x, d_valid, d_count = tree.x, tree.valid, tree.count
-            p_levels, t_valid, t_count = score_tree(self.target, target_cache, seq, seq_len, x, tree.canon, sampling, nodes)
-            emitted, accepted, path = walk_tree(verifier, p_levels, tree.q_levels, x, tree.canon, tree.paths, active, random,
-                                                stats.reached_by_depth, stats.accepted_by_depth, spans)
-            commit_round(target_cache, t_count, t_valid.shape[1], fed_slots(t_valid.shape[1], path, depth, k, nodes), accepted, active)
-            if self.draft2 is None:
-                commit_round(draft_cache, d_count, d_valid.shape[1], fed_slots(d_valid.shape[1], path, depth - 1, k, nodes),
-                             accepted, active)
-            else:  # the node at depth l + 1 is its first sequence's token at l, wherever that was fed
-                on_path = path[:, : depth - 1].unsqueeze(1)  # [B, 1, D-1]
-                commit_round(draft_cache, d_count, d_valid.shape[1], staged.offsets.gather(1, on_path).squeeze(1), accepted, active)
-                commit_round(draft2_cache, staged.count2, staged.valid2.shape[1], staged.offsets2.gather(1, on_path).squeeze(1), accepted, active)
+                emitted, accepted, passes, passes2 = self._speculate(k, depth, seq, seq_len, target_cache, draft_cache, draft2_cache,
+                                                                     verifier, sampling, random, active, stats, spans, nodes)
             generated_before = seq_len - row_prompt_len
             new = append_tokens(seq, seq_len, emitted, accepted, active)  # [B, D+1]
             done = seq_len - row_prompt_len >= n
             if eos_token_id is not None:
-                within = generated_before.unsqueeze(1) + torch.arange(depth + 1, device=device) < n
+                within = generated_before.unsqueeze(1) + torch.arange(emitted.shape[1], device=device) < n
                 done |= (new & within & (emitted == eos_token_id)).any(dim=1)
+            stats.rounds_by_shape[k, depth] = stats.rounds_by_shape.get((k, depth), 0) + 1
             stats.rounds += 1
             stats.target_passes += 1
             stats.draft_passes += passes
@@ -827,6 +850,32 @@ class Engine:
         return GenerationOutput(tokens, lengths, stats)
 
 
+    def _speculate(self, k, depth, seq, seq_len, target_cache, draft_cache, draft2_cache, verifier, sampling, random,
+                   active, stats, spans, nodes):
+        """One speculative round of k sequences of depth D (steps 1-4): (emitted [B, D+1],
+        accepted [B], draft forwards, draft2 forwards); the caches are committed."""
+        if self.draft2 is None:
+            tree = draft_tree(self.draft, draft_cache, seq, seq_len, verifier, k, depth, sampling, random, self.widths)
+            passes, passes2 = depth, 0
+        else:
+            tree, staged = draft_tree_staged(self.draft, self.draft2, draft_cache, draft2_cache, seq, seq_len, verifier, k,
+                                             depth, sampling, random)
+            passes, passes2 = staged.passes, staged.passes2
+        x, d_valid, d_count = tree.x, tree.valid, tree.count
+        p_levels, t_valid, t_count = score_tree(self.target, target_cache, seq, seq_len, x, tree.canon, sampling, nodes)
+        emitted, accepted, path = walk_tree(verifier, p_levels, tree.q_levels, x, tree.canon, tree.paths, active, random,
+                                            stats.reached_by_depth, stats.accepted_by_depth, spans)
+        commit_round(target_cache, t_count, t_valid.shape[1], fed_slots(t_valid.shape[1], path, depth, k, nodes), accepted, active)
+        if self.draft2 is None:
+            commit_round(draft_cache, d_count, d_valid.shape[1], fed_slots(d_valid.shape[1], path, depth - 1, k, nodes),
+                         accepted, active)
+        else:  # the node at depth l + 1 is its first sequence's token at l, wherever that was fed
+            on_path = path[:, : depth - 1].unsqueeze(1)  # [B, 1, D-1]
+            commit_round(draft_cache, d_count, d_valid.shape[1], staged.offsets.gather(1, on_path).squeeze(1), accepted, active)
+            commit_round(draft2_cache, staged.count2, staged.valid2.shape[1], staged.offsets2.gather(1, on_path).squeeze(1), accepted, active)
+        return emitted, accepted, passes, passes2
+
+
 # ---- the baseline: plain autoregressive decoding ---------------------------------------------
 
 
@@ -852,7 +901,6 @@ def autoregressive_generate(model, prompt_ids, max_new_tokens: int, temperature:
     stats = GenerationStats()
     started = time.perf_counter()
     random = RequestRandom(device, seed, bsz)
-    every = torch.arange(bsz, device=device)
     cache = model.new_cache(bsz, t_max + n + 1, device)
     seq = torch.zeros(bsz, t_max + n + 2, dtype=torch.long, device=device)  # last column: trash
     seq[:, :t_max] = prompts
@@ -861,12 +909,7 @@ def autoregressive_generate(model, prompt_ids, max_new_tokens: int, temperature:
     no_accept = torch.zeros(bsz, dtype=torch.long, device=device)
     while not bool(done.all()):
         active = ~done
-        ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)  # [B, P]
-        logits = model_forward(model, cache, ids, pos, pending_rows(valid))  # [B, P, V]
-        last = (count - 1).view(-1, 1, 1).expand(-1, 1, logits.shape[-1])
-        probs = logits_to_probs(logits.gather(1, last).squeeze(1), sampling)  # [B, V]
-        token = random.draw(sample_from_weights, every, probs)  # greedy: p is one-hot at the argmax
-        cache.commit(torch.arange(valid.shape[1], device=device).expand(bsz, -1), torch.where(active, count, no_accept))
+        token = plain_step(model, cache, seq, seq_len, sampling, random, active)  # [B]
         generated_before = seq_len - prompt_len
         append_tokens(seq, seq_len, token.unsqueeze(1), no_accept, active)
         if eos_token_id is not None:

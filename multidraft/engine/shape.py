@@ -349,31 +349,36 @@ class ShapePolicy:
 
 
 class AdaptiveEngine:
-    """Speculative decoding whose shape follows the batch size: each ``generate`` asks the
-    policy for (k, D) at its batch size and runs ``Engine(target, draft, policy.verifier, k, D)``,
-    or plain decoding when the policy predicts that speculation loses (Su et al. 2023: the best
-    speculation length falls as the batch grows).  ``last_choice`` is the shape the last call used."""
+    """Speculative decoding whose shape follows the batch size: every round asks the policy for
+    (k, D) at the number of requests still running, so a batch that shrinks as requests finish
+    moves to the shape chosen for its new size -- plain decoding steps where the policy predicts
+    that speculation loses (Su et al. 2023: the best speculation length falls as the batch
+    grows).  One engine, sized for the largest shape the policy can choose, runs every round
+    (``Engine.decode``).  ``last_choice`` is the shape chosen for the last call's first round;
+    ``stats.rounds_by_shape`` counts the rounds of each shape."""
 
     def __init__(self, target, draft, policy: ShapePolicy, device=None):
         if not isinstance(policy, ShapePolicy):
             raise ValueError(f"policy must be a ShapePolicy (ShapePolicy.calibrate), got {type(policy).__name__}")
         self.target, self.draft, self.policy, self.device = target, draft, policy, device
         self.last_choice: ShapeChoice | None = None
-        self._engines: dict[tuple[int, int], Engine] = {}
+        largest_k = max(policy.acceptance)
+        deepest = max(len(per_depth) for per_depth in policy.acceptance.values())
+        self._engine = Engine(target, draft, verifier=policy.verifier, num_drafts=largest_k, depth=deepest, device=device)
+        self._shapes: dict[int, tuple[int, int]] = {}  # batch size -> (k, D): choose() once per size
 
     def __repr__(self) -> str:
         sizes = ", ".join(map(str, self.policy.batch_sizes))
         return f"AdaptiveEngine(verifier={self.policy.verifier!r}, calibrated at batch sizes {sizes})"
 
+    def shape_for_batch(self, batch: int) -> tuple[int, int]:
+        if batch not in self._shapes:
+            choice = self.policy.choose(batch)
+            self._shapes[batch] = (choice.num_drafts, choice.depth)
+        return self._shapes[batch]
+
     def generate(self, prompt_ids, max_new_tokens: int, **options):
         # a LongTensor [T] is one request, as Engine.generate reads it
         one = isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() == 1
-        choice = self.policy.choose(1 if one else len(prompt_ids))
-        self.last_choice = choice
-        if choice.depth == 0:
-            return autoregressive_generate(self.target, prompt_ids, max_new_tokens, device=self.device, **options)
-        shape = (choice.num_drafts, choice.depth)
-        if shape not in self._engines:
-            self._engines[shape] = Engine(self.target, self.draft, verifier=self.policy.verifier, num_drafts=shape[0],
-                                          depth=shape[1], device=self.device)
-        return self._engines[shape].generate(prompt_ids, max_new_tokens, **options)
+        self.last_choice = self.policy.choose(1 if one else len(prompt_ids))
+        return self._engine.decode(prompt_ids, max_new_tokens, **options, shape_for_batch=self.shape_for_batch)

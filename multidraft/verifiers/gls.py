@@ -173,12 +173,13 @@ class GumbelListSampling(Verifier):
 
     def _kernel(self, p, q, drafts):
         batch, k = drafts.shape
-        per_row = k * exp_sinh_nodes(KERNEL_STEPS[-1])[0].shape[0] * p.shape[1]
-        if batch * per_row > self.max_kernel_entries:
+        # The limit counts the first step's nodes: the finer steps redo only the rows that need them.
+        nodes = exp_sinh_nodes(KERNEL_STEPS[0])[0].shape[0]
+        if batch * k * nodes * p.shape[1] > self.max_kernel_entries:
             raise ValueError(
-                f"gls's kernel is a quadrature over up to N = {per_row // (k * p.shape[1])} nodes: B k N V = {batch} x {k} x "
-                f"{per_row // (k * p.shape[1])} x {p.shape[1]} = {batch * per_row} entries, above the limit max_kernel_entries = "
-                f"{self.max_kernel_entries}; verify() samples without the kernel")
+                f"gls's kernel is a quadrature over N = {nodes} nodes: B k N V = {batch} x {k} x {nodes} x {p.shape[1]} = "
+                f"{batch * k * nodes * p.shape[1]} entries, above the limit max_kernel_entries = {self.max_kernel_entries}; "
+                f"verify() samples without the kernel")
         p64, q64 = as_law(p), as_law(q)
         out = torch.empty_like(p64)
         rows = torch.arange(batch, device=p.device)

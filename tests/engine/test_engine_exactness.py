@@ -95,3 +95,22 @@ def test_negative_control_wrong_verifier_is_caught():
     out = run(engine, torch.tensor([prompt]).expand(SAMPLES // 4, -1), seed=7)
     counts = np.bincount(encode(out.tokens, VOCAB), minlength=VOCAB**NEW)
     assert chi_square_pvalue(counts, sequence_law(target, prompt, NEW)) < ALPHA
+
+
+def test_a_shape_re_chosen_every_round_keeps_the_sequence_law():
+    """Engine.decode with the shape a function of the batch still running (as AdaptiveEngine
+    uses it): (2, 2) at the full batch, plain steps while most requests remain, then (1, 3).
+    Each round is exact given the past, so every request's sequence follows the target."""
+    target, draft = models()
+    samples = SAMPLES // 2
+    engine = Engine(target, draft, verifier="rrs", num_drafts=2, depth=3, device="cpu")
+
+    def shape(rows):
+        return (2, 2) if rows == samples else (0, 0) if rows > samples // 2 else (1, 3)
+
+    prompt = [1, 2]
+    out = engine.decode(torch.tensor([prompt]).expand(samples, -1), max_new_tokens=NEW, seed=99, shape_for_batch=shape)
+    assert (out.lengths == NEW).all()
+    assert set(out.stats.rounds_by_shape) == {(2, 2), (0, 0), (1, 3)}, out.stats.rounds_by_shape
+    counts = np.bincount(encode(out.tokens, VOCAB), minlength=VOCAB**NEW)
+    assert_law(counts, sequence_law(target, prompt, NEW), "engine rrs, shape re-chosen per round")

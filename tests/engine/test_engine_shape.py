@@ -276,3 +276,35 @@ def test_time_shapes_races_each_shape_and_plain_decoding():
     rates = time_shapes(target, draft, "rrs", [prompts, prompts[:1]], [(2, 2), (1, 3), (2, 2), (0, 0)], max_new_tokens=6,
                         repeats=2, seed=0, device="cpu")
     assert list(rates) == [(2, 2), (1, 3), (0, 0)] and all(r > 0 for r in rates.values())
+
+
+def test_the_adaptive_engine_re_chooses_the_shape_as_requests_finish():
+    """Speculation at batch 3-4, plain steps at 1-2 (trial rates made up to say so): requests
+    finish at different rounds (ragged acceptance), the batch shrinks, and the rounds switch to
+    plain decoding within one generate; greedy output stays plain greedy decoding."""
+    torch.manual_seed(0)
+    target = GPT(GPTConfig(vocab_size=64, n_layer=2, dim=32, n_head=4)).eval()
+    draft = early_exit(target, 1)
+    prompts = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(1))
+    batches = [1, 4]
+    trials = {1: {(2, 3): 50.0, (0, 0): 100.0}, 4: {(2, 3): 200.0, (0, 0): 100.0}}
+    policy = ShapePolicy("rrs", synthetic_costs(batches, list(range(1, 26))), {2: [0.9] * 3}, {},
+                         {b: Overhead(0.0, 0.0) for b in batches}, margin=0.0, trials=trials)
+    engine = AdaptiveEngine(target, draft, policy, device="cpu")
+    out = engine.generate(prompts, 12, temperature=0.0)
+    assert (engine.last_choice.num_drafts, engine.last_choice.depth) == (2, 3)
+    assert set(out.stats.rounds_by_shape) == {(2, 3), (0, 0)}, out.stats.rounds_by_shape
+    assert torch.equal(out.tokens, autoregressive_generate(target, prompts, 12, temperature=0.0, device="cpu").tokens)
+    assert engine.shape_for_batch(2) == (0, 0) and engine.shape_for_batch(3) == (2, 3)
+
+
+def test_a_shape_per_round_must_fit_the_engine():
+    torch.manual_seed(0)
+    target = GPT(GPTConfig(vocab_size=64, n_layer=2, dim=32, n_head=4)).eval()
+    engine = Engine(target, early_exit(target, 1), verifier="rrs", num_drafts=2, depth=3, device="cpu")
+    prompts = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"gave \(k=4, D=2\); this engine's caches hold k <= 2 and D <= 3"):
+        engine.decode(prompts, 4, shape_for_batch=lambda rows: (4, 2))
+    staged = Engine(target, early_exit(target, 1), verifier="rrs", num_drafts=2, depth=3, device="cpu", draft2=early_exit(target, 1))
+    with pytest.raises(ValueError, match="no widths, no draft2"):
+        staged.decode(prompts, 4, shape_for_batch=lambda rows: (2, 2))
