@@ -15,7 +15,7 @@ EXP_SINH_REACH = 4.5
 def exp_sinh_nodes(step: float = EXP_SINH_STEP, reach: float = EXP_SINH_REACH) -> tuple[Tensor, Tensor]:
     """Nodes t [N] and weights w [N] (float64) with sum(w f(t)) ~ integral_0^inf f(t) dt for f
     smooth on (0, inf) and decaying at infinity; the substitution makes both ends decay doubly
-    exponentially, so t from 1e-19 to 1e18 is covered and endpoint behaviour costs no accuracy."""
+    exponentially, so t from ~2e-31 to ~5e30 is covered and endpoint behaviour costs no accuracy."""
     tau = torch.arange(-reach, reach + step / 2, step, dtype=torch.float64)
     t = torch.exp(torch.pi / 2 * torch.sinh(tau))
     return t, step * t * torch.pi / 2 * torch.cosh(tau)

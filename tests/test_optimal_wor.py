@@ -142,3 +142,20 @@ def test_set_law_sums_the_sequential_draw_over_orderings(vocab, k):
     want = draft_probability_without_replacement(q.expand(len(tuples), -1), tuples).reshape(len(members), -1).sum(1)
     torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-13, atol=0)
     assert got.sum() == pytest.approx(1.0, abs=1e-13)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_a_peaked_draft_keeps_the_set_law_exact(temperature):
+    """1 - max q down to 4e-10: the mass not yet drawn is summed from positive terms (the set's
+    complement by rank ranges, its undrawn slots), never as 1 - drawn, which cancelled to a
+    relative error of 1e-16 / (mass left) and moved the output law by 3e-6."""
+    q = (torch.tensor([12.0, 1, 0.5, 0, -1, -2], dtype=torch.float64) / temperature).softmax(-1)
+    p = torch.full((6,), 1 / 6, dtype=torch.float64)
+    verifier = md.get_verifier("optimal-wor")
+    for k in (2, 3):
+        _, prob = md.proofs.enumeration.draft_law(verifier, q, k)
+        assert float(prob.sum()) == pytest.approx(1.0, abs=TOL)
+        torch.testing.assert_close(md.proofs.output_distribution(verifier, p, q, k), p, rtol=0, atol=TOL)
+    reviewer_case = torch.tensor([0.6, 0.4 - 2e-10, 1e-10, 1e-10], dtype=torch.float64)
+    flat = torch.full((4,), 0.25, dtype=torch.float64)
+    torch.testing.assert_close(md.proofs.output_distribution(verifier, flat, reviewer_case, 3), flat, rtol=0, atol=TOL)

@@ -59,6 +59,11 @@ class RaceSegments:
 
     def __init__(self, p: Tensor, q: Tensor, t: Tensor):
         ratio = torch.where(q > 0, p / torch.where(q > 0, q, torch.ones_like(q)), torch.full_like(p, float("inf")))
+        overflow = (q > 0) & torch.isinf(ratio)
+        if bool(overflow.any()):
+            row, token = (int(i) for i in overflow.nonzero()[0])
+            raise ValueError(f"gls's quadrature needs finite ratios p/q where q > 0; row {row}, token {token} has "
+                             f"p = {float(p[row, token]):.3g}, q = {float(q[row, token]):.3g} (p/q overflows float64)")
         order = ratio.argsort(dim=-1, stable=True)  # [B, V]
         self.position = torch.empty_like(order).scatter_(1, order, torch.arange(p.shape[1], device=p.device).expand_as(order))
         r = ratio.gather(1, order)  # [B, V] ascending
@@ -145,7 +150,9 @@ def target_race_winner(p: Tensor, q: Tensor, drafts: Tensor, generator) -> Tenso
     pinned = qx.unsqueeze(1) * first.unsqueeze(2)  # [B, i, j] q(x_j) T_i
     drafted_min = torch.where(same, pinned, pinned + fresh).amin(dim=1)  # [B, j]
     clock_min = clock_min.scatter(1, drafts, drafted_min)
-    return (clock_min / p).argmin(dim=1)  # inf where p = 0
+    # p = 0 never wins, also where a clock is exactly 0 (U = 0: 0/0 would be NaN, and argmin takes NaN)
+    target_time = torch.where(p > 0, clock_min / p, torch.full_like(p, float("inf")))
+    return target_time.argmin(dim=1)
 
 
 @register_verifier("gls")
@@ -191,7 +198,7 @@ class GumbelListSampling(Verifier):
             chunk = max(1, KERNEL_CHUNK_ENTRIES // (k * t.shape[0] * p.shape[1]))
             part = torch.cat([gls_kernel_rows(p64[r], q64[r], drafts[r], t, w) for r in rows.split(chunk)])
             out[rows] = part
-            off = (part.sum(dim=1) - 1).abs() > KERNEL_SUM_TOLERANCE
+            off = ~((part.sum(dim=1) - 1).abs() <= KERNEL_SUM_TOLERANCE)  # NaN counts as off
             rows = rows[off]
             if not rows.numel():
                 return out.to(p.dtype)

@@ -6,15 +6,15 @@ reach with such drafts is ``multidraft.proofs.optimal_acceptance(p, q, k, replac
 = 1 - max_T [Q(T) - p(T)], Q(T) the chance that all k drafts fall in T, and that it is higher
 than with i.i.d. drafts; rrs-wor stays below it.  This verifier reaches it.
 
-The LP is otm's with k-subsets in place of multisets: over the C(s, k) sets S of k distinct
-tokens of q's support, with Q(S) the chance that the drafts are S in any order (a sum over
-the k! orderings of the sequential draw), the variables are a(S, y) >= 0 for y in S with
+The LP is otm's with k-subsets in place of multisets: over the C(s, k) sets A of k distinct
+tokens of q's support, with Q(A) the chance that the drafts are A in any order (a sum over
+the k! orderings of the sequential draw), the variables are a(A, y) >= 0 for y in A with
 p(y) > 0, and
 
-    maximize  sum a    s.t.  sum_y a(S, y) <= Q(S)  (each S),   sum_S a(S, y) <= p(y)  (each y).
+    maximize  sum a    s.t.  sum_y a(A, y) <= Q(A)  (each A),   sum_A a(A, y) <= p(y)  (each y).
 
-The kernel of an ordered draft tuple t with set S is otm's,
-``K(y) = a(S, y)/Q(S) + (1 - sum_y' a(S, y')/Q(S)) res(y)``, res ∝ p - sum_S a(S, .): exact for
+The kernel of an ordered draft tuple t with set A is otm's,
+``K(y) = a(A, y)/Q(A) + (1 - sum_y' a(A, y')/Q(A)) res(y)``, res ∝ p - sum_A a(A, .): exact for
 any feasible a, optimal for an optimal one, by max-flow/min-cut (docs/verifiers/optimal-wor.md).
 The solver, the repair to exact feasibility, the per-row cache and the size limit
 (``max_variables``; k C(s, k) variables) are otm's.
