@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import multidraft as md
+from strategies import random_case
 from multidraft.proofs.cases import CASES, exactness_cases, supported_ks
 from negative_control import ForgetfulRejection
 
@@ -60,18 +60,6 @@ def test_negative_control_fails_enumeration():
     assert (out - p).abs().max() > 1e-3
     # ... while with one draft it is ordinary speculative sampling and exact.
     torch.testing.assert_close(md.proofs.output_distribution(ForgetfulRejection(), p, q, 1), p, rtol=0, atol=TOL)
-
-
-@st.composite
-def random_case(draw):
-    vocab = draw(st.integers(2, 5))
-    weights = st.one_of(st.just(0.0), st.floats(0.01, 1.0))
-    p = draw(st.lists(weights, min_size=vocab, max_size=vocab).filter(lambda w: sum(w) > 0))
-    q = draw(st.lists(weights, min_size=vocab, max_size=vocab).filter(lambda w: sum(w) > 0))
-    k = draw(st.integers(1, 3))
-    p_t = torch.tensor(p, dtype=torch.float64)
-    q_t = torch.tensor(q, dtype=torch.float64)
-    return p_t / p_t.sum(), q_t / q_t.sum(), k
 
 
 @pytest.mark.parametrize("name", md.available_verifiers())

@@ -19,9 +19,9 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import multidraft as md
+from strategies import random_case
 import multidraft.verifiers.otm as otm
 from multidraft.proofs.cases import CASES, supported_ks
 from multidraft.verifiers.rrs_wor import draft_probability_without_replacement
@@ -46,19 +46,8 @@ def test_reaches_the_optimum_without_replacement(name, k):
     assert rate >= md.proofs.acceptance_rate(md.get_verifier("rrs-wor"), p, q, k) - TOL
 
 
-@st.composite
-def random_case(draw):
-    vocab = draw(st.integers(2, 6))
-    weights = st.one_of(st.just(0.0), st.floats(0.01, 1.0))
-    p = draw(st.lists(weights, min_size=vocab, max_size=vocab).filter(lambda w: sum(w) > 0))
-    q = draw(st.lists(weights, min_size=vocab, max_size=vocab).filter(lambda w: sum(w) > 0))
-    k = draw(st.integers(1, min(3, sum(w > 0 for w in q))))
-    p_t, q_t = torch.tensor(p, dtype=torch.float64), torch.tensor(q, dtype=torch.float64)
-    return p_t / p_t.sum(), q_t / q_t.sum(), k
-
-
 @settings(max_examples=60, derandomize=True, deadline=None)
-@given(case=random_case())
+@given(case=random_case(max_vocab=6, k_within_q_support=True))
 def test_random_cases_are_exact_and_optimal(case):
     p, q, k = case
     verifier = md.get_verifier("optimal-wor")
