@@ -777,8 +777,9 @@ class Engine:
         # Explicit cache setup.  A request below n tokens adds at most depth + 1, so sequences
         # stay within Tmax + n + depth; a forward also needs room for the pending tokens (<= 2
         # after the first round; after plain steps the draft's pending tokens are tokens it has
-        # not cached, so its cache still holds at most the sequence) and the depth * k tree slots.  Staged drafting writes at most
-        # k (depth - 1) slots in each of at most depth - 1 speculation steps.
+        # not cached, so its cache still holds at most the sequence) and the depth * k tree
+        # slots.  Staged drafting writes at most k (depth - 1) slots in each of at most depth - 1
+        # speculation steps.
         t_max = prompts.shape[1]
         max_len = t_max + n + depth + 2 + depth * k
         staged_len = t_max + n + 2 * depth + 3 + k * depth * depth
@@ -848,7 +849,6 @@ class Engine:
         stats.acceptance_by_depth = [a / r if r else float("nan") for a, r in zip(stats.accepted_by_depth, stats.reached_by_depth)]
         stats.tokens_per_second = stats.new_tokens / stats.seconds if stats.seconds > 0 else float("inf")
         return GenerationOutput(tokens, lengths, stats)
-
 
     def _speculate(self, k, depth, seq, seq_len, target_cache, draft_cache, draft2_cache, verifier, sampling, random,
                    active, stats, spans, nodes):

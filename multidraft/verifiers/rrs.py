@@ -99,6 +99,14 @@ def draftable_mass(q: Tensor, drafts: Tensor) -> Tensor:
     return z
 
 
+def draftable_q_mass(q: Tensor, drafts: Tensor, without_replacement: bool) -> Tensor:
+    """The q-mass z [B, k] the walk divides by at each step: all of q with replacement, the
+    tokens not yet drafted without (``draftable_mass``)."""
+    if without_replacement:
+        return draftable_mass(q, drafts)
+    return q.sum(dim=-1, keepdim=True).expand(-1, drafts.shape[1])
+
+
 def rejection_walk(p: Tensor, q: Tensor, drafts: Tensor, without_replacement: bool):
     """Acceptance probabilities of the k drafts in order, and the final residual.
 
@@ -106,14 +114,12 @@ def rejection_walk(p: Tensor, q: Tensor, drafts: Tensor, without_replacement: bo
     """
     c = torch.zeros_like(p[:, :1])  # [B, 1]
     m = p.sum(dim=-1, keepdim=True)  # [B, 1] residual mass (1 up to rounding)
-    zs = draftable_mass(q, drafts) if without_replacement else None  # [B, k]
-    z = q.sum(dim=-1, keepdim=True)  # [B, 1] q-mass of the tokens still draftable
+    zs = draftable_q_mass(q, drafts, without_replacement)  # [B, k]
     accepts = []
     k = drafts.shape[1]
     for i in range(k):
         x = drafts[:, i : i + 1]  # [B, 1]
-        if without_replacement:
-            z = zs[:, i : i + 1]
+        z = zs[:, i : i + 1]  # [B, 1] q-mass of the tokens still draftable
         accepts.append(acceptance_probability(p, q, x, c, m, z))
         c = c + torch.where(m > 0, m / z, torch.zeros_like(m))
         if i < k - 1:
@@ -173,17 +179,15 @@ def _verify_shrinking(p, q, drafts, without_replacement, uniforms, u_fallback) -
     rows = torch.arange(drafts.shape[0], device=p.device)  # [n] the rows still walking
     c = torch.zeros_like(p[:, :1])  # [n, 1] and m, z: as in rejection_walk, for those rows
     m = p.sum(dim=-1, keepdim=True)
-    zs = draftable_mass(q, drafts) if without_replacement else None  # [B, k]
-    z = q.sum(dim=-1, keepdim=True)
+    zs = draftable_q_mass(q, drafts, without_replacement)  # [B, k]
     for i in range(k):
-        if without_replacement:
-            z = zs[rows, i : i + 1]
+        z = zs[rows, i : i + 1]
         x = drafts[rows, i]  # [n]
         px, qx = p[rows, x].unsqueeze(1), q[rows, x].unsqueeze(1)  # [n, 1]
         passed = (uniforms[rows, i : i + 1] < acceptance_at(px, qx, c, m, z)).squeeze(1)
         token[rows[passed]] = x[passed]
         left = (~passed).nonzero().squeeze(1)
-        rows, qx, c, m, z = (t.index_select(0, left) for t in (rows, qx, c, m, z))
+        rows, c, m, z = (t.index_select(0, left) for t in (rows, c, m, z))
         if rows.numel() == 0:
             return token
         c = c + torch.where(m > 0, m / z, torch.zeros_like(m))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .base import Verifier, register_verifier
-from .rrs import recursive_rejection_kernel, recursive_rejection_verify
+from .rrs import draftable_mass, recursive_rejection_kernel, recursive_rejection_verify
 
 
 def sample_without_replacement(q, k, generator):
@@ -31,10 +31,7 @@ def sample_without_replacement(q, k, generator):
 def draft_probability_without_replacement(q, drafts):
     """prod_i q(x_i) / (1 - q(x_1) - ... - q(x_{i-1})); 0 for a tuple with a repeat: [B]."""
     qx = q.gather(1, drafts)  # [B, k]
-    # Mass not yet drawn before step i = the undrafted tokens' mass + the drafts from i on, both
-    # sums of positive terms: q.sum() - cumsum cancels when the first drafts hold nearly all of q.
-    undrafted = q.scatter(1, drafts, 0.0).sum(dim=-1, keepdim=True)  # [B, 1]
-    remaining = undrafted + qx.flip(1).cumsum(dim=1).flip(1)  # [B, k] mass before step i
+    remaining = draftable_mass(q, drafts)  # [B, k] mass before step i, without cancellation
     steps = torch.where(remaining > 0, qx / remaining.clamp(min=torch.finfo(q.dtype).tiny), 0.0)
     ordered = drafts.sort(dim=1).values
     repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)  # [B]
