@@ -18,6 +18,9 @@ arithmetic.  What differs besides the loop form:
   the previous join's length, which bounds the root from above and is usually close to it;
   only when that has not converged after a few steps does it go on in the tensor path's
   k-th-root form;
+- the plan works in position order and ``verify_rows`` stays there (it finds the drafts'
+  positions by binary search on their ratios): only the kernel's rows, and a verdict's
+  residual draw on rejection, scatter values back to token order;
 - ``verify_rows`` runs a whole verdict per row: plan, bid race, coin and residual draw.
 
 Exactness does not depend on any of this (the marginal is recomputed from the scales used,
@@ -42,8 +45,7 @@ _MIN_SCALE = math.exp(MIN_LOG_SCALE)  # floor on scales
 NEWTON_TOLERANCE = 1e-12
 POLYNOMIAL_STEPS = 6  # Halley on the polynomial: fast from a warm start
 ROOT_FORM_STEPS = 30  # then in the k-th-root form: fast from far away
-PLAN_WORK_ROWS = 12  # scratch rows of V + 1 doubles for one row's plan (see plan_row)
-WORK_ROWS = PLAN_WORK_ROWS + 4  # and for a verdict: p and q renormalized, the plan's output
+WORK_ROWS = 13  # scratch rows of V + 1 doubles: 12 for one row's plan, one for a verdict's residual
 
 
 @numba.njit(**_JIT)
@@ -58,10 +60,15 @@ def _fmin(a, b):
 
 @numba.njit(**_JIT)
 def power(x, n):
-    """x**n for a small int n >= 0, by repeated multiplication."""
+    """x**n for a small int n >= 0, by repeated squaring (a shorter chain of dependent
+    multiplications than one by one: the join solver is bound by such chains)."""
     out = 1.0
-    for _ in range(n):
-        out *= x
+    while n:
+        if n & 1:
+            out *= x
+        n >>= 1
+        if n:
+            x *= x
     return out
 
 
@@ -76,10 +83,13 @@ def power_sum(a, b, k):
 
 
 @numba.njit(**_JIT)
-def _quadratic_bound(base, a1, deficit, group, k):
-    """min(group, the positive root of a2 L^2 + a1 L = deficit), a2 = C(k, 2) base^(k-2),
-    cancellation-free for either sign of a1 (a nan root, 0 / 0, leaves the group's length)."""
-    a2 = k * (k - 1) / 2 * power(base, k - 2)
+def _quadratic_bound(base, sigma, deficit, group, k):
+    """min(group, the positive root of a2 L^2 + a1 L = deficit), a1 = k base^(k-1) - sigma,
+    a2 = C(k, 2) base^(k-2), cancellation-free for either sign of a1 (a nan root, 0 / 0,
+    leaves the group's length)."""
+    base_k2 = power(base, k - 2)
+    a1 = k * base_k2 * base - sigma
+    a2 = k * (k - 1) / 2 * base_k2
     disc = math.sqrt(a1 * a1 + 4 * a2 * deficit)
     quad = 2 * deficit / (a1 + disc) if a1 >= 0 else (disc - a1) / (2 * a2)
     return _fmin(group, quad)
@@ -110,10 +120,9 @@ def join_length(base, sigma, deficit, group, start, k):
     stops once twice that is below NEWTON_TOLERANCE * L: from a warm start, usually after the
     first step.
     """
-    a1 = k * power(base, k - 1) - sigma
     have_quad = k == 2 or not 0 < start < group
     if have_quad:
-        length = _quadratic_bound(base, a1, deficit, group, k)
+        length = _quadratic_bound(base, sigma, deficit, group, k)
         if k == 2 or not length > 0:
             return length
     else:
@@ -135,7 +144,7 @@ def join_length(base, sigma, deficit, group, start, k):
             length -= newton
             if not have_quad:  # and the quadratic root, close where the root is small and
                 have_quad = True  # nearly double, from which these steps come down slowly
-                length = min(length, _quadratic_bound(base, a1, deficit, group, k))
+                length = min(length, _quadratic_bound(base, sigma, deficit, group, k))
             continue
         step = newton * (1 + curve * (1 + curve))  # Halley's s / (1 - c s), to O((c s)^3)
         length -= step
@@ -255,19 +264,25 @@ def descending_ratio_order(ratio, order, packed, spare):
 
 
 @numba.njit(inline="always", **_JIT)
-def plan_row(p, q, k, scale_out, marginal_out, work):
-    """One row's plan: writes the scales phi and the winner law s in token order.  ``work``:
-    scratch of at least [PLAN_WORK_ROWS, V + 1] (``workspace``)."""
+def plan_positions(p, q, p_total, q_total, k, work):
+    """One row's plan in position order (the tokens by non-increasing p/q), for the laws
+    ``p / p_total`` and ``q / q_total`` (the divisions as ``optimal.as_law`` does them).
+    ``work``: scratch of at least [WORK_ROWS, V + 1] (``workspace``).
+
+    Returns views into ``work``: ``order`` (the token at each position), ``ps`` (p there),
+    ``scale`` (phi there) and ``marginal`` (s there).  Staying in position order spares
+    ``verify_row`` two scatters of V values to token order, which only the kernel needs.
+    """
     vocab = p.shape[0]
     ratio = work[0, :vocab]
     for t in range(vocab):
-        ratio[t] = p[t] / q[t] if q[t] > 0 else math.inf
+        ratio[t] = (p[t] / p_total) / (q[t] / q_total) if q[t] > 0 else math.inf
     order = work[1, :vocab].view(numpy.int64)  # the token ids by non-increasing p/q ("positions")
     descending_ratio_order(ratio, order, work[2, :vocab].view(numpy.int64), work[3, :vocab].view(numpy.int64))
     qs, ps, rs = work[2, :vocab], work[3, :vocab], work[4, :vocab]
     for i in range(vocab):
         t = order[i]
-        qs[i], ps[i], rs[i] = q[t], p[t], ratio[t]
+        qs[i], ps[i], rs[i] = q[t] / q_total, p[t] / p_total, ratio[t]
 
     # 1. The optimal cut T* = {positions >= cut}: the largest T maximizing q(T)^k - p(T).
     # Suffix sums run from the bottom, so that small sums keep their relative precision.
@@ -377,35 +392,43 @@ def plan_row(p, q, k, scale_out, marginal_out, work):
         lower = q_below[m + 1]
         piece[m] = drop * power_sum(lower + slope, lower + slope * next_ratio, k)
         qs[m] = q_over_phi  # qs is not needed past here
+    marginal = piece  # each piece is read once, just before its slot is overwritten
     acc = 0.0
     for m in range(vocab - 1, -1, -1):
         acc += scale[m] * piece[m]
-        t = order[m]
-        marginal_out[t] = qs[m] * acc
-        scale_out[t] = scale[m]
+        marginal[m] = qs[m] * acc
+    return order, ps, scale, marginal
 
 
 @numba.njit(**_JIT)
-def _plan_row_two(p, q, scale_out, marginal_out, work):
-    # k = 2, the commonest case, as a constant: plan_row is inlined, so its loops over k unroll
-    # (34 % faster than with k at run time; for larger k the gain was 10-13 %, not worth more
-    # compiled copies)
-    plan_row(p, q, 2, scale_out, marginal_out, work)
+def _plan_positions_two(p, q, p_total, q_total, work):
+    # k = 2, the commonest case, as a constant: plan_positions is inlined, so its loops over k
+    # unroll (34 % faster than with k at run time; for larger k the gain was 10-13 %, not worth
+    # more compiled copies)
+    return plan_positions(p, q, p_total, q_total, 2, work)
 
 
 @numba.njit(**_JIT)
-def _plan_row_any_k(p, q, k, scale_out, marginal_out, work):
-    plan_row(p, q, k, scale_out, marginal_out, work)
+def _plan_positions_any_k(p, q, p_total, q_total, k, work):
+    return plan_positions(p, q, p_total, q_total, k, work)
+
+
+@numba.njit(**_JIT)
+def plan_positions_compiled(p, q, p_total, q_total, k, work):
+    """plan_positions through its compiled copies (callers link them instead of inlining the
+    plan, which keeps the first use's compile time down)."""
+    if k == 2:
+        return _plan_positions_two(p, q, p_total, q_total, work)
+    return _plan_positions_any_k(p, q, p_total, q_total, k, work)
 
 
 @numba.njit(**_JIT)
 def plan_one_row(p, q, k, scale_out, marginal_out, work):
-    """plan_row through its compiled copies (callers link them instead of inlining the plan,
-    which keeps the first use's compile time down)."""
-    if k == 2:
-        _plan_row_two(p, q, scale_out, marginal_out, work)
-    else:
-        _plan_row_any_k(p, q, k, scale_out, marginal_out, work)
+    """One row's plan in token order: the scales phi and the winner law s."""
+    order, _, scale, marginal = plan_positions_compiled(p, q, 1.0, 1.0, k, work)
+    for m in range(p.shape[0]):
+        t = order[m]
+        scale_out[t], marginal_out[t] = scale[m], marginal[m]
 
 
 @numba.njit(**_JIT)
@@ -433,20 +456,20 @@ def join_lengths(base, sigma, deficit, group, start, k, out):
 
 
 @numba.njit(**_JIT)
-def residual_draw(p, marginal, u):
-    """A token from normalize(max(p - s, 0)) (p where that has no mass), by inverse CDF with
-    the uniform u in [0, 1): a token of weight 0 is never returned."""
+def residual_draw(p, p_total, marginal, u):
+    """A token from normalize(max(p / p_total - s, 0)) (p where that has no mass), by inverse
+    CDF in token order with the uniform u in [0, 1): a token of weight 0 is never returned."""
     mass = 0.0
     for t in range(p.shape[0]):
-        mass += max(p[t] - marginal[t], 0.0)
+        mass += max(p[t] / p_total - marginal[t], 0.0)
     use_p = not mass > 0  # reached with probability 0: the kernel falls back to p there too
     if use_p:
         mass = 0.0
         for t in range(p.shape[0]):
-            mass += p[t]
+            mass += p[t] / p_total
     goal, acc, last = u * mass, 0.0, -1
     for t in range(p.shape[0]):
-        weight = p[t] if use_p else max(p[t] - marginal[t], 0.0)
+        weight = p[t] / p_total if use_p else max(p[t] / p_total - marginal[t], 0.0)
         if weight > 0:
             acc += weight
             last = t
@@ -456,32 +479,59 @@ def residual_draw(p, marginal, u):
 
 
 @numba.njit(**_JIT)
+def position_of(token, ratio, rs, order):
+    """The position of ``token``: a binary search for its ratio in ``rs`` (the ratios in
+    position order, non-increasing), then a scan of the positions that tie with it."""
+    r = ratio[token]
+    lo, hi = 0, rs.shape[0]
+    while lo < hi:  # the first position whose ratio is not above r
+        mid = (lo + hi) // 2
+        if rs[mid] > r:
+            lo = mid + 1
+        else:
+            hi = mid
+    for i in range(lo, rs.shape[0]):
+        if order[i] == token:
+            return i
+    for i in range(lo):  # unreachable while rs is in order; kept so a token is always found
+        if order[i] == token:
+            return i
+    return -1
+
+
+@numba.njit(**_JIT)
 def verify_row(p, q, drafts, u, k, out, work):
     """One node's verdict token: the plan, the bid race, the keep coin and, on rejection, the
     residual draw, as ``Optimal._verify`` does with tensors.  p, q: float64 rows as given,
-    renormalized here like ``optimal.as_law``; drafts [k]; u [k + 2]:
-    the k bids' uniforms, the coin, the residual's uniform; ``work``: as for ``plan_row``."""
+    renormalized like ``optimal.as_law``; drafts [k]; u [k + 2]: the k bids' uniforms, the
+    coin, the residual's uniform; ``work``: as for ``plan_positions``.
+
+    Everything stays in position order but the residual draw, which (run on rejection only)
+    scatters s to token order and draws there, as the tensor path does: both paths then emit
+    the same token for the same uniforms."""
     vocab = p.shape[0]
-    p64, q64 = work[PLAN_WORK_ROWS, :vocab], work[PLAN_WORK_ROWS + 1, :vocab]
-    p_sum = q_sum = 0.0
+    p_total = q_total = 0.0
     for t in range(vocab):
-        p64[t], q64[t] = p[t], q[t]
-        p_sum += p64[t]
-        q_sum += q64[t]
-    for t in range(vocab):
-        p64[t] /= p_sum
-        q64[t] /= q_sum
-    scale, marginal = work[PLAN_WORK_ROWS + 2, :vocab], work[PLAN_WORK_ROWS + 3, :vocab]
-    plan_one_row(p64, q64, k, scale, marginal, work)
-    winner, best = drafts[0], -1.0
+        p_total += p[t]
+        q_total += q[t]
+    order, ps, scale, marginal = plan_positions_compiled(p, q, p_total, q_total, k, work)
+    ratio, rs = work[0, :vocab], work[4, :vocab]
+    winner, at, best = drafts[0], 0, -1.0
     for i in range(k):  # the highest bid U_i phi(x_i) wins
-        bid = u[i] * scale[drafts[i]]
+        pos = position_of(drafts[i], ratio, rs, order)
+        bid = u[i] * scale[pos]
         if bid > best:
-            winner, best = drafts[i], bid
+            winner, at, best = drafts[i], pos, bid
     keep = 1.0
-    if marginal[winner] > p64[winner]:
-        keep = p64[winner] / marginal[winner]
-    out[0] = winner if u[k] < keep else residual_draw(p64, marginal, u[k + 1])
+    if marginal[at] > ps[at]:
+        keep = ps[at] / marginal[at]
+    if u[k] < keep:
+        out[0] = winner
+        return
+    by_token = work[12, :vocab]
+    for m in range(vocab):
+        by_token[order[m]] = marginal[m]
+    out[0] = residual_draw(p, p_total, by_token, u[k + 1])
 
 
 @numba.njit(**_JIT)
