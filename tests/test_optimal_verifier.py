@@ -245,9 +245,9 @@ def test_float32_inputs_reach_the_bound_of_their_rows(k, fused):
 
 
 def test_without_numba_the_tensor_plan_serves(monkeypatch):
-    from multidraft.verifiers import optimal
+    from multidraft.verifiers import cpu_kernels
 
-    monkeypatch.setattr(optimal, "_have_numba", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "have_numba", lambda: False)
     p, q = _llm_like(2, 300, seed=4, noise=1.0, scale=2.0)
     plan = optimal_plan(p, q, 3)  # the default falls back to tensor ops
     torch.testing.assert_close(plan.marginal, optimal_plan(p, q, 3, fused=False).marginal, rtol=0, atol=0)

@@ -1,5 +1,6 @@
-"""rrs / rrs-wor sample through two code paths (row-shrinking on CPU, full-batch on
-accelerators); given the same uniforms they must emit the same tokens."""
+"""rrs / rrs-wor (and single, rrs at k = 1) sample through two code paths: a fused kernel on
+the CPU (rrs_cpu.py), tensor ops over the whole batch on accelerators or without numba.  Given
+the same uniforms they must emit the same tokens."""
 
 from __future__ import annotations
 
@@ -7,22 +8,66 @@ import pytest
 import torch
 
 import multidraft as md
-from multidraft.verifiers.rrs import _verify_dense, _verify_shrinking
+from multidraft.verifiers import cpu_kernels
+from multidraft.verifiers.rrs import _verify_dense, _verify_fused
 
 
+def _rows(name: str, k: int, dtype, batch: int = 512, vocab: int = 300, seed: int = 0):
+    g = torch.Generator().manual_seed(seed + k)
+    logits = 3 * torch.randn(batch, vocab, generator=g, dtype=torch.float64)
+    p = logits.softmax(-1).to(dtype)
+    q = (logits + torch.randn(batch, vocab, generator=g, dtype=torch.float64)).softmax(-1).to(dtype)
+    drafts = md.get_verifier(name).draft(q, k, generator=g)
+    uniforms = torch.rand(drafts.shape, generator=g, dtype=dtype)
+    u_fallback = torch.rand((batch, 1), generator=g, dtype=dtype)
+    return p, q, drafts, uniforms, u_fallback
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name,without_replacement", [("rrs", False), ("rrs-wor", True)])
 @pytest.mark.parametrize("k", [1, 3, 8])
-def test_dense_and_shrinking_paths_agree(name, without_replacement, k):
-    g = torch.Generator().manual_seed(k)
-    logits = 3 * torch.randn(512, 300, generator=g, dtype=torch.float64)
-    p = logits.softmax(-1)
-    q = (logits + torch.randn(512, 300, generator=g, dtype=torch.float64)).softmax(-1)
-    drafts = md.get_verifier(name).draft(q, k, generator=g)
-    uniforms = torch.rand(drafts.shape, generator=g, dtype=p.dtype)
-    u_fallback = torch.rand((p.shape[0], 1), generator=g, dtype=p.dtype)
+def test_dense_and_fused_paths_agree(name, without_replacement, k, dtype):
+    """The kernel sums in float64, the tensor path in the rows' dtype: on float32 rows the two
+    could part only where a uniform falls within ~1e-7 of a threshold (none do here)."""
+    p, q, drafts, uniforms, u_fallback = _rows(name, k, dtype)
     dense = _verify_dense(p, q, drafts, without_replacement, uniforms, u_fallback)
-    shrinking = _verify_shrinking(p, q, drafts, without_replacement, uniforms, u_fallback)
-    assert torch.equal(dense, shrinking)
+    fused = _verify_fused(p, q, drafts, without_replacement, uniforms, u_fallback)
+    assert torch.equal(dense, fused)
+    # many rows reject their first draft: the later steps (at k = 1 the residual draws) are compared too
+    assert (dense != drafts[:, 0]).float().mean() > 0.1
+
+
+def test_fused_path_is_the_same_on_any_number_of_threads():
+    p, q, drafts, uniforms, u_fallback = _rows("rrs", 3, torch.float32, batch=37)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _verify_fused(p, q, drafts, False, uniforms, u_fallback)
+        torch.set_num_threads(3)  # 37 rows in chunks of 12-13
+        split = _verify_fused(p, q, drafts, False, uniforms, u_fallback)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, split)
+
+
+def test_without_numba_the_dense_path_serves(monkeypatch):
+    from multidraft.verifiers import rrs
+
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "have_numba", lambda: False)
+    monkeypatch.setattr(rrs, "_verify_dense", lambda *a: calls.append(1) or _verify_dense(*a))
+    p, q, drafts, _, _ = _rows("rrs", 2, torch.float32, batch=4)
+    md.get_verifier("rrs").verify(p, q, drafts, torch.Generator().manual_seed(0))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("name", ["rrs", "rrs-wor", "single"])
+def test_fused_path_checks_draft_ids_even_without_validation(name):
+    p, q, drafts, _, _ = _rows(name, 1 if name == "single" else 2, torch.float32, batch=2, vocab=50)
+    verifier = md.get_verifier(name, validate_args=False)
+    for bad in (drafts + 50, drafts - 60):
+        with pytest.raises(ValueError, match=r"drafts must be token ids in \[0, 50\)"):
+            verifier.verify(p, q, bad, torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 0.3])
@@ -40,4 +85,4 @@ def test_a_peaked_draft_without_replacement_stays_exact(temperature):
     uniforms = torch.rand(512, 3, generator=g, dtype=torch.float64)
     fallback = torch.rand(512, 1, generator=g, dtype=torch.float64)
     rows = (p.expand(512, -1), q.expand(512, -1), drafts, True, uniforms, fallback)
-    assert torch.equal(_verify_dense(*rows), _verify_shrinking(*rows))
+    assert torch.equal(_verify_dense(*rows), _verify_fused(*rows))

@@ -19,9 +19,6 @@ p is the target law, q the draft law, drafts x_1..x_k i.i.d. from q.
 
 from __future__ import annotations
 
-import concurrent.futures
-import functools
-import importlib.util
 import threading
 from typing import NamedTuple
 
@@ -29,6 +26,7 @@ import numpy
 import torch
 from torch import Tensor
 
+from . import cpu_kernels
 from .base import (
     Verdict,
     Verifier,
@@ -175,28 +173,21 @@ def _plan_of_laws(p: Tensor, q: Tensor, k: int, fused: bool | None) -> Plan:
     return _tensor_plan(p, q, ratio, _descending_order(ratio), k)
 
 
-@functools.cache
-def _have_numba() -> bool:
-    return importlib.util.find_spec("numba") is not None
-
-
 def _runs_fused(fused: bool | None, device: torch.device) -> bool:
     """Whether the plan and the verdict run in the fused CPU kernel (None: on the CPU, when
     numba is installed -- a dependency of the package, but the tensor plan serves without it)."""
     if fused is None:
-        return device.type == "cpu" and _have_numba()
+        return cpu_kernels.runs_fused(device)
     if fused and device.type != "cpu":
         raise ValueError(f"the fused optimal plan runs on the CPU only, got tensors on {device}")
-    if fused and not _have_numba():
+    if fused and not cpu_kernels.have_numba():
         raise ValueError("the fused optimal plan needs numba (pip install numba); fused=False runs the tensor plan")
     return fused
 
 
 def _fused_plan(p: Tensor, q: Tensor, k: int) -> Plan:
     """The plan in the fused kernel (its own ratio sort included), rows split over up to
-    torch.get_num_threads() threads: the kernel releases the GIL, so the rows run in parallel
-    the way torch's own ops would (Python threads, not numba's threading layer, which is not
-    safe under every fork and threading setup)."""
+    torch.get_num_threads() threads (``cpu_kernels.run_on_chunks``)."""
     # numba compiles the kernel, or loads it from its cache, on first use
     from .optimal_cpu import plan_rows
 
@@ -231,16 +222,9 @@ _WORKSPACES = _Workspaces()
 
 
 def _over_row_chunks(fn, batch: int, vocab: int) -> None:
-    """fn(rows, work) for slices covering range(batch), each with its own scratch: one call, or
-    one per thread for several rows."""
-    workers = min(batch, torch.get_num_threads())
-    spaces = _WORKSPACES.get(vocab, max(workers, 1))
-    if workers <= 1:
-        fn(slice(0, batch), spaces[0])
-        return
-    bounds = [batch * i // workers for i in range(workers + 1)]
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        list(pool.map(fn, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])], spaces))
+    """fn(rows, work) for slices covering range(batch), each with its own scratch."""
+    chunks = cpu_kernels.row_chunks(batch)
+    cpu_kernels.run_on_chunks(fn, chunks, _WORKSPACES.get(vocab, len(chunks)))
 
 
 def _tensor_plan(p: Tensor, q: Tensor, ratio: Tensor, order: Tensor, k: int) -> Plan:
@@ -349,12 +333,7 @@ def _fused_verify(p: Tensor, q: Tensor, drafts: Tensor, generator) -> Verdict:
     def rows_of(x: Tensor) -> numpy.ndarray:  # float64 only: one compiled copy of the kernel
         return x.detach().to(torch.float64).contiguous().numpy()
 
-    vocab = p.shape[1]
-    if drafts.numel() and not 0 <= int(drafts.min()) <= int(drafts.max()) < vocab:
-        # checked even with validate_args=False: the kernel reads scale[draft] unchecked, and
-        # on the CPU the check costs no device sync
-        raise ValueError(f"drafts must be token ids in [0, {vocab}), got values in "
-                         f"[{int(drafts.min())}, {int(drafts.max())}]")
+    cpu_kernels.check_draft_ids(drafts, p.shape[1])
     p_np, q_np, d_np = rows_of(p), rows_of(q), drafts.detach().to(torch.long).contiguous().numpy()
     u = _verdict_uniforms(drafts, generator).numpy()
     token = torch.empty(drafts.shape[0], dtype=torch.long)

@@ -9,8 +9,8 @@ c_0 = 0, c_{i+1} = c_i + m_i / Z_i, where m_i = sum(max(p - c_i q, 0)) is the re
 and Z_i = 1 for drafts with replacement (Z_i = mass of q not yet drafted without replacement,
 see rrs_wor.py).  So no [B, V] residual is ever stored: a step costs one fused reduction over V
 and a gather, and the acceptance test needs only the gathered values at the draft.
-On a CPU, ``verify`` also drops each row from the walk at its first accepted draft, so the
-later steps and the fallback residual touch only the rows still rejecting (docs/performance.md).
+On a CPU, ``verify`` runs in a fused kernel (rrs_cpu.py) that walks each row only as far as its
+first accepted draft, one pass over the row per rejection (docs/performance.md).
 The written proof is in docs/verifiers/rrs.md.
 """
 
@@ -27,6 +27,7 @@ from .base import (
     sample_categorical,
     sample_from_weights_with,
 )
+from .cpu_kernels import check_draft_ids, row_chunks, run_on_chunks, runs_fused
 
 
 def unnormalized_residual(p: Tensor, q: Tensor, c: Tensor) -> Tensor:
@@ -48,34 +49,6 @@ def acceptance_at(px: Tensor, qx: Tensor, c: Tensor, m: Tensor, z: Tensor) -> Te
     """``acceptance_probability`` from the values px = p(x), qx = q(x) [B, 1] at the draft."""
     ratio = torch.addcmul(px, c, qx, value=-1).clamp_(min=0) * z / (m * qx)
     return torch.where(m > 0, ratio.clamp(max=1), torch.ones_like(ratio))
-
-
-# residual_mass_of_rows gathers this much of p (and of q) at a time: small enough to stay in
-# cache, large enough that the op count stays low (every op is a parallel region, and each
-# can stall when other processes compete for the cores).
-CHUNK_BYTES = 2**22
-
-
-def residual_mass_of_rows(p: Tensor, q: Tensor, rows: Tensor, c: Tensor) -> Tensor:
-    """sum(max(p - c q, 0)) [n, 1] over the rows [n] of p and q, with c [n, 1].
-
-    The same values as ``unnormalized_residual(p[rows], q[rows], c).sum(-1)``, but computed
-    a few rows at a time so that the gathered rows and the temporary stay in cache: each row
-    of p and q is read from memory once, instead of being gathered, written and read again.
-    """
-    n = rows.numel()
-    per_chunk = max(1, CHUNK_BYTES // (p.shape[1] * p.element_size()))  # 32 rows at V = 32000 in float32
-    p_rows = p.new_empty((min(n, per_chunk), p.shape[1]))
-    q_rows = torch.empty_like(p_rows)
-    mass = p.new_empty((n, 1))
-    for start in range(0, n, per_chunk):
-        chunk = rows[start : start + per_chunk]
-        end = start + chunk.numel()
-        pc = torch.index_select(p, 0, chunk, out=p_rows[: chunk.numel()])
-        qc = torch.index_select(q, 0, chunk, out=q_rows[: chunk.numel()])
-        residual = torch.addcmul(pc, c[start:end], qc, value=-1, out=pc).clamp_(min=0)
-        torch.sum(residual, dim=-1, keepdim=True, out=mass[start:end])
-    return mass
 
 
 # Below this much draftable mass the running ``total - drafted`` loses more than ~1e-14 of its
@@ -147,14 +120,13 @@ def recursive_rejection_verify(
     """Sample the recursive rejection scheme directly: one uniform per draft, no [B, V] kernel.
 
     Both paths below make the same decisions from the same uniforms (up to rounding in the
-    row sums); they differ only in which rows do the [B, V] work.
+    row sums): tensor ops over the whole batch (accelerators, or no numba), or on the CPU a
+    fused kernel that walks each row only as far as its first accepted draft.
     """
     uniforms = torch.rand(drafts.shape, generator=generator, device=p.device, dtype=p.dtype)  # [B, k]
     u_fallback = torch.rand((p.shape[0], 1), generator=generator, device=p.device, dtype=p.dtype)  # [B, 1]
-    if p.device.type == "cpu":
-        token = _verify_shrinking(p, q, drafts, without_replacement, uniforms, u_fallback)
-    else:
-        token = _verify_dense(p, q, drafts, without_replacement, uniforms, u_fallback)
+    verify_path = _verify_fused if runs_fused(p.device) else _verify_dense
+    token = verify_path(p, q, drafts, without_replacement, uniforms, u_fallback)
     return Verdict(token, first_match(drafts, token))
 
 
@@ -168,36 +140,20 @@ def _verify_dense(p, q, drafts, without_replacement, uniforms, u_fallback) -> Te
     return torch.where(chosen >= 0, accepted_token, fallback)
 
 
-def _verify_shrinking(p, q, drafts, without_replacement, uniforms, u_fallback) -> Tensor:
-    """A row leaves the walk at its first accepted draft, so each residual mass and the final
-    fallback are computed only for the rows still rejecting.  Most rows accept early, which
-    saves most of the [B, V] passes; finding the rows syncs with the device, free on a CPU.
-    p and q are not copied: ``residual_mass_of_rows`` reads the rows still walking in place.
-    """
-    k = drafts.shape[1]
-    token = drafts[:, 0].clone()  # [B]; every entry is overwritten below
-    rows = torch.arange(drafts.shape[0], device=p.device)  # [n] the rows still walking
-    c = torch.zeros_like(p[:, :1])  # [n, 1] and m, z: as in rejection_walk, for those rows
-    m = p.sum(dim=-1, keepdim=True)
-    zs = draftable_q_mass(q, drafts, without_replacement)  # [B, k]
-    for i in range(k):
-        z = zs[rows, i : i + 1]
-        x = drafts[rows, i]  # [n]
-        px, qx = p[rows, x].unsqueeze(1), q[rows, x].unsqueeze(1)  # [n, 1]
-        passed = (uniforms[rows, i : i + 1] < acceptance_at(px, qx, c, m, z)).squeeze(1)
-        token[rows[passed]] = x[passed]
-        left = (~passed).nonzero().squeeze(1)
-        rows, c, m, z = (t.index_select(0, left) for t in (rows, c, m, z))
-        if rows.numel() == 0:
-            return token
-        c = c + torch.where(m > 0, m / z, torch.zeros_like(m))
-        if i < k - 1:
-            m = residual_mass_of_rows(p, q, rows, c)
-    # The rows that rejected every draft draw from the last residual.
-    p, q = p.index_select(0, rows), q.index_select(0, rows)
-    residual = unnormalized_residual(p, q, c)  # [n, V]
-    mass = residual.sum(dim=-1, keepdim=True)
-    token[rows] = sample_from_weights_with(torch.where(mass > 0, residual, p), u_fallback.index_select(0, rows))
+def _verify_fused(p, q, drafts, without_replacement, uniforms, u_fallback) -> Tensor:
+    """The same walk one row at a time in a fused CPU kernel (``rrs_cpu``): a row stops at its
+    first accepted draft, and each rejection costs one pass over its p and q."""
+    from .rrs_cpu import verify_rows  # numba compiles the kernel, or loads it from its cache
+
+    check_draft_ids(drafts, p.shape[1])
+    rows = [x.detach().contiguous().numpy() for x in (p, q, drafts, uniforms, u_fallback.squeeze(1))]
+    token = torch.empty(drafts.shape[0], dtype=torch.long)
+    out = token.numpy()
+
+    def verify(chunk: slice) -> None:
+        verify_rows(*(x[chunk] for x in rows), without_replacement, out[chunk])
+
+    run_on_chunks(verify, row_chunks(drafts.shape[0]))
     return token
 
 

@@ -1,0 +1,50 @@
+"""What the fused CPU kernels (``rrs_cpu``, ``optimal_cpu``, numba) share: whether they can
+run, the draft-id check they cannot skip, and the split of a batch's rows over threads."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import importlib.util
+
+import torch
+from torch import Tensor
+
+
+@functools.cache
+def have_numba() -> bool:
+    """numba is a dependency of the package; without it the tensor paths serve."""
+    return importlib.util.find_spec("numba") is not None
+
+
+def runs_fused(device: torch.device) -> bool:
+    """Whether a verifier's ``verify`` takes its fused kernel: CPU tensors, numba installed."""
+    return device.type == "cpu" and have_numba()
+
+
+def check_draft_ids(drafts: Tensor, vocab: int) -> None:
+    """Checked even with validate_args=False: a kernel reads p[draft] without bounds checks,
+    and on the CPU this check costs no device sync."""
+    if drafts.numel() and not 0 <= int(drafts.min()) <= int(drafts.max()) < vocab:
+        raise ValueError(f"drafts must be token ids in [0, {vocab}), got values in "
+                         f"[{int(drafts.min())}, {int(drafts.max())}]")
+
+
+def row_chunks(batch: int) -> list[slice]:
+    """Slices covering range(batch): one, or one per thread (torch.get_num_threads()) for
+    several rows."""
+    workers = max(1, min(batch, torch.get_num_threads()))
+    bounds = [batch * i // workers for i in range(workers + 1)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def run_on_chunks(fn, chunks: list[slice], *per_chunk) -> None:
+    """fn(chunk, *(x[i] for x in per_chunk)) for each chunk, in parallel threads when there are
+    several: the kernels release the GIL, so rows run in parallel the way torch's own ops would
+    (Python threads, not numba's threading layer, which is not safe under every fork and
+    threading setup)."""
+    if len(chunks) == 1:
+        fn(chunks[0], *(x[0] for x in per_chunk))
+        return
+    with concurrent.futures.ThreadPoolExecutor(len(chunks)) as pool:
+        list(pool.map(fn, chunks, *per_chunk))
