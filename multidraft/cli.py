@@ -13,6 +13,14 @@ def _csv(kind):
     return lambda text: [kind(x) for x in text.split(",") if x]
 
 
+def prompt_bytes(text: str) -> bytes:
+    """--prompt-text as bytes for the byte-level pair: the text in UTF-8, with backslash
+    escapes (\\n, \\t, \\xNN for a raw byte) resolved."""
+    # unicode_escape reads its input as Latin-1, so the UTF-8 bytes of non-ASCII characters
+    # pass through it one code point per byte, and encoding back to Latin-1 restores them
+    return text.encode("utf-8").decode("unicode_escape").encode("latin-1")
+
+
 def _tree_shapes(text: str) -> tuple[list[tuple[int, int]], list[tuple[int, ...]]]:
     """"2x4,2-2-2" -> ([(2, 4)], [(2, 2, 2)]): k draft sequences x depth D, or a branching tree's
     children per node at each depth."""
@@ -110,7 +118,9 @@ def cmd_generate(args) -> int:
     _import_plugins(args.imports)
     if (args.target is None) != (args.draft is None):
         raise ValueError("give both --target and --draft (local Hugging Face model directories), or neither for the built-in pair")
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     decode = None
     if args.target is not None:
@@ -120,12 +130,12 @@ def cmd_generate(args) -> int:
         target, draft = demo_pair(seed=args.model_seed)
         pair = f"built-in GPT pair (seed {args.model_seed}, untrained): target 8 layers x 256, draft = its first layer (early exit)"
     else:
-        from .engine.pretrained import decode, encode, load_pair
+        from .engine.pretrained import decode, load_pair
 
         target, draft = load_pair()
         pair = "shipped byte-level pair (target 4 layers x 128, draft 1 layer x 64, trained on Python source)"
         if args.prompt is None:
-            args.prompt = encode(args.prompt_text.encode().decode("unicode_escape")).tolist()
+            args.prompt = list(prompt_bytes(args.prompt_text))
     options = {}
     for item in args.verifier_option or []:
         key, sep, text = item.partition("=")
@@ -142,7 +152,7 @@ def cmd_generate(args) -> int:
         draft2 = load_ngram(2)  # the Engine refuses it, naming both vocabularies, beside a draft of another V
     elif args.draft2 is not None:
         draft2 = HFModel.from_pretrained(args.draft2)
-    prompt = args.prompt or [1]
+    prompt = args.prompt if args.prompt is not None else [1]  # an empty --prompt "" is the engine's error
     prompts = [prompt] * args.batch
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.adaptive:

@@ -23,6 +23,7 @@ Why the walk is exact, and what it assumes: docs/engine.md.
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -33,7 +34,7 @@ from torch import Tensor
 from ..verifiers import Verifier, get_verifier
 from ..verifiers.base import Verdict, first_match, sample_categorical, sample_from_weights
 from .cache import KVCache
-from .models import _check_vocab
+from .models import _check_vocab, check_positions
 from .sampling import SamplingConfig, logits_to_probs
 from .tree import (attention_mask, branching_canon, branching_nodes, pending_rows, pending_tokens, prefix_groups,
                    subtree_spans, tree_positions, tree_rows)
@@ -531,6 +532,14 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _token_id(t) -> int:
+    """An int token id: Python and numpy ints, 0-d integer tensors; not floats (1.7 would be
+    truncated) and not bools."""
+    if isinstance(t, bool):
+        raise TypeError(f"a bool ({t}) is not a token id")
+    return operator.index(t)
+
+
 def prepare_prompts(prompt_ids, vocab: int, device) -> tuple[Tensor, Tensor]:
     """Prompts -> (ids [B, Tmax] right-padded with 0, lengths [B]).  Accepts a LongTensor [B, T],
     a LongTensor [T] (one request), or a list of lists of ints (ragged)."""
@@ -549,7 +558,7 @@ def prepare_prompts(prompt_ids, vocab: int, device) -> tuple[Tensor, Tensor]:
         lens = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=device)
     else:
         try:
-            rows = [[int(t) for t in r] for r in prompt_ids]
+            rows = [[_token_id(t) for t in r] for r in prompt_ids]
         except (TypeError, ValueError) as err:
             raise ValueError(f"prompt_ids must be a LongTensor or a list of lists of ints: {err}") from None
         if not rows:
@@ -566,6 +575,15 @@ def prepare_prompts(prompt_ids, vocab: int, device) -> tuple[Tensor, Tensor]:
         b, t = bad.nonzero()[0].tolist()
         raise ValueError(f"prompt {b} token {t} has id {int(ids[b, t])}, out of range for V = {vocab} (ids must be in 0..{vocab - 1})")
     return ids, lens
+
+
+def check_eos(eos_token_id, vocab: int) -> None:
+    if eos_token_id is None:
+        return
+    if isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int):
+        raise ValueError(f"eos_token_id must be None or an int token id, got {eos_token_id!r}")
+    if not 0 <= eos_token_id < vocab:
+        raise ValueError(f"eos_token_id = {eos_token_id} is out of range for V = {vocab} (ids must be in 0..{vocab - 1})")
 
 
 def one_draft_is_a_plain_draw(verifier: Verifier) -> bool:
@@ -757,8 +775,7 @@ class Engine:
             raise ValueError("a shape chosen per round needs drafted sequences: no widths, no draft2")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if eos_token_id is not None and not (0 <= eos_token_id < self.vocab_size):
-            raise ValueError(f"eos_token_id = {eos_token_id} is out of range for V = {self.vocab_size}")
+        check_eos(eos_token_id, self.vocab_size)
         sampling = SamplingConfig(temperature, top_k, top_p)
         device, k, depth, n = self.device, self.num_drafts, self.depth, max_new_tokens
         prompts, prompt_len = prepare_prompts(prompt_ids, self.vocab_size, device)  # [B, T], [B]
@@ -781,6 +798,8 @@ class Engine:
         # slots.  Staged drafting writes at most k (depth - 1) slots in each of at most depth - 1
         # speculation steps.
         t_max = prompts.shape[1]
+        # a node at depth l + 1 sits at position seq_len + l, seq_len <= t_max + n - 1
+        check_positions({"target": self.target, "draft": self.draft, "draft2": self.draft2}, t_max + n + depth - 1)
         max_len = t_max + n + depth + 2 + depth * k
         staged_len = t_max + n + 2 * depth + 3 + k * depth * depth
         target_cache = self.target.new_cache(bsz, max_len, device)
@@ -800,9 +819,11 @@ class Engine:
             active = torch.ones(request.numel(), dtype=torch.bool, device=device)  # the batch holds unfinished requests only
             row_prompt_len = prompt_len[request]  # [rows]
             k, depth = (self.num_drafts, self.depth) if shape_for_batch is None else shape_for_batch(request.numel())
-            if (k, depth) != (0, 0) and not (1 <= k <= self.num_drafts and 1 <= depth <= self.depth):
-                raise ValueError(f"shape_for_batch({request.numel()}) gave (k={k}, D={depth}); this engine's caches hold "
-                                 f"k <= {self.num_drafts} and D <= {self.depth}, or (0, 0) for a plain step")
+            if shape_for_batch is not None and (k, depth) != (0, 0):
+                if not (1 <= k <= self.num_drafts and 1 <= depth <= self.depth):
+                    raise ValueError(f"shape_for_batch({request.numel()}) gave (k={k}, D={depth}); this engine's caches "
+                                     f"hold k <= {self.num_drafts} and D <= {self.depth}, or (0, 0) for a plain step")
+                check_width(self.verifier, f"shape_for_batch({request.numel()})'s k", k)
             if depth == 0:  # a plain decoding step; the draft catches up on these tokens when it next runs
                 emitted = plain_step(self.target, target_cache, seq, seq_len, sampling, random, active).unsqueeze(1)  # [B, 1]
                 accepted = torch.zeros_like(seq_len)
@@ -890,14 +911,14 @@ def autoregressive_generate(model, prompt_ids, max_new_tokens: int, temperature:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     vocab = _check_vocab("model", model)
-    if eos_token_id is not None and not (0 <= eos_token_id < vocab):
-        raise ValueError(f"eos_token_id = {eos_token_id} is out of range for V = {vocab}")
+    check_eos(eos_token_id, vocab)
     sampling = SamplingConfig(temperature, top_k, top_p)
     device = torch.device(device if device is not None else default_device())
     if isinstance(model, torch.nn.Module):
         model.to(device).eval()
     prompts, prompt_len = prepare_prompts(prompt_ids, vocab, device)
     bsz, t_max, n = prompts.shape[0], prompts.shape[1], max_new_tokens
+    check_positions({"target": model}, t_max + n - 1)  # the last new token is never fed
     stats = GenerationStats()
     started = time.perf_counter()
     random = RequestRandom(device, seed, bsz)

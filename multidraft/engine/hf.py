@@ -132,6 +132,11 @@ class HFModel(nn.Module):
         layer_types = getattr(config, "layer_types", None)
         sliding = window is not None and (layer_types is None or "sliding_attention" in layer_types)
         self.sliding_window = int(window) if sliding and getattr(config, "use_sliding_window", True) is not False else None
+        # The positions the model is configured for: past a learned table (GPT-2's n_positions,
+        # OPT's max_position_embeddings) the embedding lookup fails with an index error, so the
+        # engine checks this up front (``models.check_positions``)
+        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        self.max_positions = int(limit) if limit else None
 
     @classmethod
     def from_pretrained(cls, path: str, attn_implementation: str = "sdpa") -> HFModel:

@@ -26,7 +26,7 @@ class SamplingConfig:
             raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {self.top_k!r}")
-        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+        if self.top_p is not None and (isinstance(self.top_p, bool) or not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1)):
             raise ValueError(f"top_p must be None or a number in (0, 1], got {self.top_p!r}")
 
     @property
@@ -47,7 +47,13 @@ def logits_to_probs(logits: Tensor, config: SamplingConfig) -> Tensor:
         # One-hot at the first maximum: any exact verifier then emits exactly the argmax.
         top = logits.argmax(dim=-1, keepdim=True)
         return torch.zeros_like(logits).scatter_(-1, top, 1.0)
-    logits = logits / config.temperature
+    if 0 < config.temperature < torch.finfo(logits.dtype).tiny:
+        raise ValueError(f"temperature = {config.temperature!r} is below the smallest normal {logits.dtype} "
+                         f"({torch.finfo(logits.dtype).tiny:.3g}), where dividing by it is no longer exact; use 0 for greedy")
+    if config.temperature != 1:
+        # Shift the maximum to 0 first: a tiny temperature then sends the other logits to
+        # -inf, not every logit to +-inf (which made the softmax NaN below T ~ 1e-38 in float32)
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / config.temperature
     if config.top_k is not None and config.top_k < logits.shape[-1]:
         kth = torch.topk(logits, config.top_k, dim=-1).values[..., -1:]  # [..., 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -143,3 +143,20 @@ def test_cli_generate_adaptive_chooses_a_shape(capsys):
     assert "verifier rrs  adaptive: " in out
     assert main(["generate", "--adaptive", "-k", "2", "-n", "2", "--device", "cpu"]) == 2
     assert "--adaptive chooses num_drafts and depth itself" in capsys.readouterr().err
+
+
+def test_cli_generate_bad_prompts_and_threads_are_errors(capsys):
+    """An explicitly empty prompt is the engine's error (it had been replaced by [1]), and so is
+    a thread count below 1 (it had been a traceback)."""
+    for args in (["--pair", "demo", "--prompt", ""], ["--prompt-text", ""], ["--threads", "-1"]):
+        assert main(["generate", *args, "-n", "2", "--device", "cpu"]) == 2, args
+        err = capsys.readouterr().err
+        assert ("prompt 0 is empty" in err) or ("--threads must be >= 1, got -1" in err), (args, err)
+
+
+def test_cli_prompt_text_is_utf8_with_escapes():
+    from multidraft.cli import prompt_bytes
+
+    assert list(prompt_bytes("é")) == [195, 169]  # had been encoded twice: [195, 131, 194, 169]
+    assert prompt_bytes("def f():\\n\\treturn") == b"def f():\n\treturn"
+    assert prompt_bytes("\\xff") == b"\xff"  # a raw byte

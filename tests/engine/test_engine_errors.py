@@ -25,6 +25,8 @@ def engine():
         (torch.tensor([[0.5, 1.0]]), "prompt_ids must hold integer token ids, got dtype torch.float32"),
         (torch.zeros(1, 1, 2, dtype=torch.long), "prompt_ids must be \\[B, T\\] or \\[T\\], got shape \\(1, 1, 2\\)"),
         ([["a"]], "prompt_ids must be a LongTensor or a list of lists of ints"),
+        ([[1.7, 2.2]], "prompt_ids must be a LongTensor or a list of lists of ints: 'float' object"),  # not truncated to [1, 2]
+        ([[True, False]], "a bool \\(True\\) is not a token id"),
     ],
 )
 def test_bad_prompts(engine, prompt, message):
@@ -42,6 +44,10 @@ def test_bad_prompts(engine, prompt, message):
         ({"max_new_tokens": 2, "top_p": 0.0}, "top_p must be None or a number in \\(0, 1\\], got 0.0"),
         ({"max_new_tokens": 2, "top_p": 1.5}, "top_p must be None or a number in \\(0, 1\\], got 1.5"),
         ({"max_new_tokens": 2, "eos_token_id": 4}, "eos_token_id = 4 is out of range for V = 4"),
+        ({"max_new_tokens": 2, "eos_token_id": 1.5}, "eos_token_id must be None or an int token id, got 1.5"),
+        ({"max_new_tokens": 2, "eos_token_id": True}, "eos_token_id must be None or an int token id, got True"),
+        ({"max_new_tokens": 2, "top_p": True}, "top_p must be None or a number in \\(0, 1\\], got True"),
+        ({"max_new_tokens": 2, "temperature": 1e-320}, "temperature = 1e-320 is below the smallest normal torch.float64"),
     ],
 )
 def test_bad_generate_arguments(engine, kwargs, message):
@@ -103,3 +109,22 @@ def test_a_named_verifier_runs_unchecked_unless_asked():
     assert Engine(target, draft, verifier="rrs", device="cpu", validate_args=True).verifier.validate_args
     given = md.get_verifier("rrs", validate_args=True)
     assert Engine(target, draft, verifier=given, device="cpu").verifier is given  # an instance is used as given
+
+
+def test_a_tiny_temperature_is_the_argmax_not_nan():
+    """Dividing float32 logits by T = 1e-30 overflowed every logit to +-inf (a NaN softmax, and
+    the sampler then returned the last token); the maximum is shifted to 0 first."""
+    from multidraft.engine.sampling import SamplingConfig, logits_to_probs
+
+    logits = torch.tensor([[2.0, 5.0, -3.0], [1.0, 1.0, 0.0]])
+    probs = logits_to_probs(logits, SamplingConfig(temperature=1e-30))
+    torch.testing.assert_close(probs, torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.5, 0.0]]))
+    with pytest.raises(ValueError, match="temperature = 1e-39 is below the smallest normal torch.float32"):
+        logits_to_probs(logits, SamplingConfig(temperature=1e-39))
+
+
+def test_a_shape_per_round_must_suit_the_verifier():
+    t = TableModel.random(4, 2, seed=0)
+    engine = Engine(t, t, verifier="spechub", num_drafts=2, depth=1, device="cpu")
+    with pytest.raises(ValueError, match="verifier 'spechub' takes 2..2 drafts per node, got shape_for_batch\\(2\\)'s k = 1"):
+        engine.decode([[1, 2]] * 2, 4, seed=0, shape_for_batch=lambda rows: (1, 1))

@@ -147,3 +147,17 @@ def test_other_architectures_greedy_equals_plain_hf_greedy(name):
     out = engine.generate(PROMPTS, max_new_tokens=6, temperature=0.0)
     for b, prompt in enumerate(PROMPTS):
         assert out.tokens[b].tolist() == hf_greedy(target, prompt, 6), f"request {b}"
+
+
+def test_learned_positions_past_their_table_are_refused_up_front():
+    """GPT-2's position table has n_positions rows: past it the lookup failed with an index
+    error (a device assert on CUDA); the engine now names both numbers before decoding."""
+    from multidraft.engine import autoregressive_generate
+
+    target = HFModel(gpt2(0))  # n_positions = 128
+    engine = Engine(target, HFModel(gpt2(1)), verifier="rrs", num_drafts=2, depth=3, device="cpu")
+    with pytest.raises(ValueError, match="the target model takes positions below 128 .max_positions., but this call needs 130"):
+        engine.generate([[1, 2, 3]], 125)
+    with pytest.raises(ValueError, match="takes positions below 128 .max_positions., but this call needs 129"):
+        autoregressive_generate(target, [[1, 2, 3]], 127)
+    assert autoregressive_generate(target, [[1, 2, 3]], 126).tokens.shape == (1, 126)  # positions 0..127
