@@ -620,8 +620,11 @@ def check_deep_tree_support(verifier: Verifier, depth: int) -> None:
     )
 
 
-# Paths (root-to-leaf) a branching tree may have: every depth holds that many slots.
+# Paths (root-to-leaf) a branching tree may have, and draft sequences: every depth holds that
+# many slots.  Trees this large or deeper than MAX_DEPTH are far past any useful shape, and the
+# caches they would allocate (k * D slots per request) could exhaust memory without an error.
 MAX_TREE_PATHS = 4096
+MAX_DEPTH = 256
 
 
 def check_width(verifier: Verifier, name: str, width) -> None:
@@ -643,6 +646,8 @@ def check_widths(verifier: Verifier, widths) -> tuple[int, ...]:
         raise ValueError(f"widths must be a sequence of ints (children per node at each depth), got {widths!r}") from None
     if not widths:
         raise ValueError("widths is empty: a branching tree needs at least one depth")
+    if len(widths) > MAX_DEPTH:
+        raise ValueError(f"widths has {len(widths)} depths, above the limit {MAX_DEPTH}")
     for level, width in enumerate(widths):
         check_width(verifier, f"widths[{level}]", width)
     paths = subtree_spans(widths)[0] * widths[0]
@@ -722,9 +727,9 @@ class Engine:
                              f"got widths={widths!r}, num_drafts={num_drafts!r}, depth={depth!r}")
         num_drafts = 2 if num_drafts is None else num_drafts
         depth = 3 if depth is None else depth
-        for name, value in [("num_drafts", num_drafts), ("depth", depth)]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name, value, limit in [("num_drafts", num_drafts, MAX_TREE_PATHS), ("depth", depth, MAX_DEPTH)]:
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                raise ValueError(f"{name} must be an int in 1..{limit}, got {value!r}")
         if isinstance(verifier, str):
             # The engine's p and q rows are distributions by construction, and its drafts come
             # from the verifier's own scheme: checking them at every tree level would read values

@@ -65,10 +65,14 @@ def test_bad_engine_arguments():
         Engine(t4, t4, verifier="nope")
     with pytest.raises(ValueError, match="verifier .single. takes 1..1 drafts per node, got num_drafts = 2"):
         Engine(t4, t4, verifier="single", num_drafts=2)
-    with pytest.raises(ValueError, match="num_drafts must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="num_drafts must be an int in 1..4096, got 0"):
         Engine(t4, t4, num_drafts=0)
-    with pytest.raises(ValueError, match="depth must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="depth must be an int in 1..256, got 0"):
         Engine(t4, t4, depth=0)
+    with pytest.raises(ValueError, match="depth must be an int in 1..256, got 1000000"):
+        Engine(t4, t4, depth=10**6)  # had run without end, allocating caches of k * D slots
+    with pytest.raises(ValueError, match="num_drafts must be an int in 1..4096, got 5000"):
+        Engine(t4, t4, num_drafts=5000)
     with pytest.raises(ValueError, match="'spechub' drafts by its own non-i.i.d. scheme, which this engine supports only at depth = 1 \\(got depth = 2\\)"):
         Engine(t4, t4, verifier="spechub", num_drafts=2, depth=2)
     Engine(t4, t4, verifier="rrs-wor", num_drafts=3, depth=2)  # distinct drafts: one survivor per child
