@@ -411,49 +411,61 @@ def walk_tree(verifier, p_levels, q_levels, x, canon, paths, active, random: Req
     bsz, k, depth = x.shape
     device = x.device
     slot = torch.arange(k, device=device)  # [k]
-    alive = paths.clone()  # [B, k] sequences through the node that carry drafts
-    node = torch.zeros(bsz, dtype=torch.long, device=device)  # current node's slot at its level
-    walking = active.clone()
     accepted = torch.zeros(bsz, dtype=torch.long, device=device)
     emitted = torch.zeros(bsz, depth + 1, dtype=torch.long, device=device)
     path = torch.zeros(bsz, depth, dtype=torch.long, device=device)
+    # The requests still walking, compacted (a request leaves at its first rejection): their
+    # batch rows, the sequences through their current node that carry drafts, and that node's
+    # slot at its level.  Each level then indexes only these, once.
+    rows = active.nonzero().squeeze(1)  # [n]
+    alive = paths[rows]  # [n, k]
+    node = torch.zeros_like(rows)  # [n]
+
+    def verdict(p_, q_, drafts_, generator):
+        return verifier.verify(p_, q_, drafts_, generator).token
+
     for level in range(depth):
-        rows = walking.nonzero().squeeze(1)  # [n]
-        if rows.numel() == 0:
+        n = rows.numel()
+        if n == 0:
             break
-        p = p_levels[rows, level, node[rows]]  # [n, V] target at the node
-        q = q_levels[rows, level, node[rows]]  # [n, V] draft at the node
+        p = p_levels[rows, level, node]  # [n, V] target at the node
+        q = q_levels[rows, level, node]  # [n, V] draft at the node
         if p.dtype != q.dtype:  # one model in float64, one not: meet at float32
             p, q = p.float(), q.float()
-        live = alive[rows]  # [n, k]
-        if spans is not None:
-            live = live & (slot % spans[level] == 0)  # one path per child
+        live = alive if spans is None else alive & (slot % spans[level] == 0)  # [n, k]; one path per child
         tokens = x[rows, :, level]  # [n, k]
         # Live slots first, each group in slot order (a stable sort).
         order = torch.sort((~live).to(torch.uint8), dim=1, stable=True).indices
         drafts = tokens.gather(1, order)  # [n, k]
         m = live.sum(dim=1)  # [n]
-        token = torch.empty_like(m)
-        for count in torch.unique(m).tolist():
-            sel = (m == count).nonzero().squeeze(1)
-            token[sel] = random.draw(lambda p_, q_, d_, g: verifier.verify(p_, q_, d_, g).token,
-                                     rows[sel], p[sel], q[sel], drafts[sel, :count].contiguous())
+        counts = torch.unique(m).tolist()
+        if len(counts) == 1:  # every row has as many drafts: one call
+            token = random.draw(verdict, rows, p, q, drafts[:, : counts[0]].contiguous())
+        else:  # rows with the same m share one call
+            token = torch.empty_like(m)
+            for count in counts:
+                sel = (m == count).nonzero().squeeze(1)
+                token[sel] = random.draw(verdict, rows[sel], p[sel], q[sel], drafts[sel, :count].contiguous())
         match = live & (tokens == token.unsqueeze(1))  # [n, k]
         hit = match.any(dim=1)  # [n] the emitted token has a child in the tree
         first = torch.where(match, slot, k).amin(dim=1, keepdim=True).clamp(max=k - 1)
-        child = canon[rows, level].gather(1, first).squeeze(1)  # [n]
+        level_canon = canon[rows, level]  # [n, k]
+        child = level_canon.gather(1, first).squeeze(1)  # [n]
         emitted[rows, level] = token
-        alive[rows] = (canon[rows, level] == child.unsqueeze(1)) & hit.unsqueeze(1) & paths[rows]  # paths through the child
-        node[rows] = torch.where(hit, child, node[rows])
         path[rows, level] = child
-        accepted[rows] += hit.long()
-        walking[rows] = hit
-        stats_reached[level] += rows.numel()
-        stats_accepted[level] += int(hit.sum())
-    rows = walking.nonzero().squeeze(1)
+        hits = int(hit.sum())
+        stats_reached[level] += n
+        stats_accepted[level] += hits
+        # The paths through the child: those of the node's that share its token at this level.
+        alive = alive & (level_canon == child.unsqueeze(1))
+        node = child
+        if hits < n:
+            keep = hit.nonzero().squeeze(1)
+            rows, alive, node = rows[keep], alive[keep], node[keep]
+        accepted[rows] += 1
     if rows.numel():
         # Every draft accepted: the bonus token comes from p after the leaf.
-        emitted[rows, depth] = random.draw(sample_from_weights, rows, p_levels[rows, depth, node[rows]])
+        emitted[rows, depth] = random.draw(sample_from_weights, rows, p_levels[rows, depth, node])
     return emitted, accepted, path
 
 
