@@ -46,3 +46,18 @@ def test_two_drafts_accept_as_often_as_spechub():
         assert md.proofs.acceptance_rate(greedy, p, q, 2) == pytest.approx(
             md.proofs.acceptance_rate(spechub, p, q, 2), abs=1e-12
         ), case
+
+
+@pytest.mark.parametrize("q", [[1 - 2e-15, 1e-15, 1e-15], [0.5, 1e-300, 0.25, 0.25]])
+def test_peaked_draft_laws_sum_to_one_and_stay_exact(q):
+    """The sampled draft's law divides by the q-mass off the hub, summed from its own terms:
+    1 - q(hub) cancelled (a draft law of mass 1.0008 for the first q; for the second, k = 4,
+    every tuple got probability 0, the one draft() returns included)."""
+    q = torch.tensor(q, dtype=torch.float64)
+    p = torch.linspace(1, 2, q.shape[0], dtype=torch.float64)
+    p = p / p.sum()
+    verifier = md.get_verifier("greedy")
+    k = q.shape[0]
+    tuples, prob = md.proofs.enumeration.draft_law(verifier, q, k)
+    assert abs(float(prob.sum()) - 1) < 1e-12
+    torch.testing.assert_close(md.proofs.output_distribution(verifier, p, q, k), p, rtol=0, atol=1e-12)

@@ -86,3 +86,15 @@ def test_a_peaked_draft_without_replacement_stays_exact(temperature):
     fallback = torch.rand(512, 1, generator=g, dtype=torch.float64)
     rows = (p.expand(512, -1), q.expand(512, -1), drafts, True, uniforms, fallback)
     assert torch.equal(_verify_dense(*rows), _verify_fused(*rows))
+
+
+def test_drafts_without_replacement_use_float64_clocks_for_float32_q():
+    """rrs-wor's (and optimal-wor's) race: a float32 uniform of exactly 0 (probability 2^-24)
+    gave a clock of 0, which finishes first whatever its q (a 2e-3 bias at V = 32000); the
+    uniforms are float64, so float32 and float64 rows of the same values draw the same."""
+    from multidraft.verifiers.rrs_wor import sample_without_replacement
+
+    q = torch.tensor([4.0, 2.0, 1.0, 1.0, 0.0, 8.0]) / 16  # exact in both dtypes
+    one, two = (sample_without_replacement(q.to(dtype).expand(2000, -1), 3, torch.Generator().manual_seed(5))
+                for dtype in (torch.float32, torch.float64))
+    assert torch.equal(one, two)

@@ -98,7 +98,10 @@ class GreedyHub(Verifier):
         last = drafts[:, k - 1 :]
         off_hub = ~(last == hub).any(dim=1)
         q_last = q.gather(1, last).squeeze(1)
-        rest = 1 - q.gather(1, hub).sum(dim=1)
+        # the q-mass off the hub as a sum of its own (positive) terms, as _draft and greedy_plan
+        # take it: 1 - q(hub) cancelled for a peaked q (a draft law summing to 1.0008 at
+        # 1 - max q = 2e-15, and 0 for every tuple when q's rest was 1e-300)
+        rest = q.scatter(1, hub, 0).sum(dim=1)
         prob = torch.where(rest > 0, q_last / torch.where(rest > 0, rest, torch.ones_like(rest)), torch.zeros_like(rest))
         return torch.where(hub_ok & off_hub, prob, torch.zeros_like(prob))
 

@@ -23,7 +23,9 @@ def sample_without_replacement(q, k, generator):
     first k finishers is exactly a sequential draw without replacement (tokens with q = 0
     never finish).
     """
-    u = torch.rand(q.shape, generator=generator, device=q.device, dtype=q.dtype)  # [B, V]
+    # float64 whatever q's dtype: a float32 uniform is exactly 0 with probability 2^-24, and a
+    # clock of 0 finishes first whatever its q (V = 32000 tokens: a 2e-3 bias)
+    u = torch.rand(q.shape, generator=generator, device=q.device, dtype=torch.float64)  # [B, V]
     finish = -torch.log1p(-u) / q  # [B, V], inf where q = 0
     return torch.topk(finish, k, dim=-1, largest=False, sorted=True).indices
 
