@@ -83,6 +83,14 @@ def test_bad_arguments():
         md.proofs.optimal_acceptance_for_scheme(md.get_verifier("rrs-wor"), big, big, 2)
     with pytest.raises(ValueError, match="k = 3 drafts without replacement need k tokens with q > 0; q has 2"):
         md.proofs.optimal_acceptance(torch.tensor([0.5, 0.5, 0.0]), torch.tensor([0.5, 0.0, 0.5]), 3, replacement=False)
+    half = torch.tensor([0.25, 0.25], dtype=torch.float64)
+    for replacement in (True, False):  # had returned nan, 0.46, or 1.0
+        with pytest.raises(ValueError, match=r"p\[0, 0\] = nan is not finite"):
+            md.proofs.optimal_acceptance(torch.tensor([float("nan"), 1.0]), half * 2, 2, replacement=replacement)
+        with pytest.raises(ValueError, match=r"p\[0, 0\] = -0.5 is negative"):
+            md.proofs.optimal_acceptance(torch.tensor([-0.5, 1.5]), half * 2, 2, replacement=replacement)
+        with pytest.raises(ValueError, match="row 0 of q sums to 0.5, more than 1e-06"):
+            md.proofs.optimal_acceptance(half * 2, half, 2, replacement=replacement)
     with pytest.raises(ValueError, match=r"V\*\*k = 6\*\*9 = 10077696 draft tuples; the limit is"):
         md.proofs.output_distribution(md.get_verifier("rrs"), CASES["v6-dirichlet-a"][0], CASES["v6-dirichlet-a"][1], 9)
 
@@ -136,3 +144,21 @@ def test_optimum_without_replacement_at_a_large_vocabulary():
     assert values == sorted(values) and values[-1] <= 1
     for k, value in zip((1, 2, 4, 8), values):  # distinct drafts never do worse than i.i.d. ones
         assert value >= md.proofs.optimal_acceptance(p, q, k) - 1e-12
+
+
+@pytest.mark.parametrize("q,p,k", [
+    ([8.5e-16, 5.5e-16, 1 - 1.4e-15], [0.2, 0.3, 0.5], 2),
+    ([8.5e-16, 5.5e-16, 1 - 1.4e-15], [0.2, 0.3, 0.5], 3),
+    ([1e-12, 1e-12, 1 - 2e-12], [0.1, 0.1, 0.8], 2),
+    ([1e-9, 1e-9, 1 - 2e-9], [0.1, 0.1, 0.8], 2),
+    ([5e-50, 1.0], [1.0, 0.0], 2),
+])
+def test_optimum_without_replacement_on_peaked_drafts(q, p, k):
+    """A prefix with tiny q-mass outside it is decided at t ~ 1/s, where step-1/32 nodes are
+    2.4x apart (1e-4 off at s = 1e-12; 1.0 off at s = 5e-50, past the last node): the step is
+    halved until converged and the nodes reach past 64 / min q.  A prefix holding fewer than k
+    tokens has Q = 0 exactly."""
+    p, q = torch.tensor(p, dtype=torch.float64), torch.tensor(q, dtype=torch.float64)
+    p, q = p / p.sum(), q / q.sum()
+    exact = md.proofs.optimal_acceptance_for_scheme(md.get_verifier("rrs-wor"), p, q, k)
+    assert md.proofs.optimal_acceptance(p, q, k, replacement=False) == pytest.approx(exact, abs=1e-12)

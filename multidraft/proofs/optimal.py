@@ -18,8 +18,8 @@ import itertools
 import torch
 from torch import Tensor
 
-from ..quadrature import exp_sinh_nodes
-from ..verifiers.base import Verifier
+from ..quadrature import EXP_SINH_STEP, exp_sinh_nodes, reach_for
+from ..verifiers.base import SUM_TOLERANCE, Verifier, check_distribution
 from .enumeration import as_distribution, draft_law
 
 # Set enumeration over 2**V subsets is refused beyond this vocabulary size.
@@ -52,6 +52,8 @@ def optimal_acceptance_iid(p: Tensor, q: Tensor, k: int) -> Tensor:
 # Blocking of the without-replacement optimum's prefix scan (its quadrature: multidraft/quadrature.py).
 WOR_BLOCK = 256  # tokens per block of the prefix scan (at most)
 WOR_CHUNK_ENTRIES = 1 << 23  # nodes per pass are limited to this many [nodes, V, k] entries
+WOR_TOLERANCE = 1e-14  # the quadrature's step is halved until no prefix's 1 - Q moves by more
+WOR_REFINEMENTS = 6  # halvings at most: step 1/32 down to 1/2048
 
 
 def prefix_below_k(rang: Tensor, k: int) -> Tensor:
@@ -97,23 +99,50 @@ def optimal_acceptance_wor(p: Tensor, q: Tensor, k: int) -> float:
     et al. 2025; checked here against all 2**V sets).  Q comes from exponential clocks: drawing
     without replacement from q is the order in which independent clocks of rates q(x) ring, so
     with s = q(outside T), ``1 - Q(T) = integral_0^inf s e^(-s t) P(fewer than k clocks of T
-    rang by t) dt``, computed by exp-sinh quadrature for all prefixes at once.  O(N V k) for
-    N ~ 290 nodes; absolute error about 1e-13.
+    rang by t) dt``, computed by exp-sinh quadrature for all prefixes at once, its nodes
+    reaching past 64 / (the smallest q), its step halved from 1/32 until no prefix moves by
+    WOR_TOLERANCE.  O(N V k) for N ~ 300-600 nodes on most rows (the first halving checks the
+    step); error ~1e-14.
     """
     order = ratio_order(p, q)
     ps, qs = p[order], q[order]
     outside = torch.cat([qs.flip(0).cumsum(0).flip(0)[1:], qs.new_zeros(1)])  # [V] s: q-mass after prefix i
-    t, w = exp_sinh_nodes()
-    miss = torch.zeros_like(qs)  # [V] 1 - Q(prefix)
+    # Nodes out to where the slowest clock has surely rung (a prefix of tiny q-mass outside it
+    # is decided at t ~ 1 / s, and s can be as small as the smallest q).
+    reach = reach_for(float(qs[qs > 0].min()))
+    step = EXP_SINH_STEP
+    miss = _miss_by_quadrature(qs, outside, k, *exp_sinh_nodes(step, reach))  # [V] 1 - Q(prefix)
+    for _ in range(WOR_REFINEMENTS):
+        # Halve the step until no prefix moves by WOR_TOLERANCE: where s is tiny the integrand
+        # sits at t ~ 1/s, where the nodes are 2.4x apart at step 1/32 (s = 1e-12 was 1e-4 off).
+        t_mid, w_mid = exp_sinh_nodes(step, reach, offset=step / 2)
+        finer = miss / 2 + _miss_by_quadrature(qs, outside, k, t_mid, w_mid / 2)
+        moved = float((finer - miss).abs().max())
+        miss, step = finer, step / 2
+        if moved <= WOR_TOLERANCE:
+            break
+    else:
+        raise ValueError(f"the without-replacement optimum did not converge: prefixes still moved by {moved:.2e} "
+                         f"at quadrature step {step:g} (tolerance {WOR_TOLERANCE:g})")
+    held = (qs > 0).cumsum(0)  # [V] tokens of positive q in each prefix
+    # Fewer than k of them: the k distinct drafts cannot all fall inside, Q = 0 exactly; all of
+    # q's mass (and at least k tokens): Q = 1 exactly.
+    inside = torch.where(outside > 0, 1 - miss, torch.ones_like(miss))
+    inside = torch.where(held >= k, inside, torch.zeros_like(inside))
+    gap = float((inside - ps.cumsum(0)).max().clamp(min=0))  # the empty set gives 0
+    return 1 - gap
+
+
+def _miss_by_quadrature(qs: Tensor, outside: Tensor, k: int, t: Tensor, w: Tensor) -> Tensor:
+    """sum_n w_n s e^{-s t_n} P(fewer than k clocks of the prefix rang by t_n), for every
+    prefix [V] (s = ``outside``, the q-mass after it; the prefix's clocks have rates ``qs``)."""
+    miss = torch.zeros_like(qs)
     chunk = max(1, WOR_CHUNK_ENTRIES // (qs.shape[0] * k))
     for start in range(0, t.shape[0], chunk):
         tc, wc = t[start : start + chunk, None], w[start : start + chunk, None]
         below = prefix_below_k(-torch.expm1(-tc * qs), k)  # [n, V]
         miss += (wc * outside * torch.exp(-tc * outside) * below).sum(0)
-    enough = (qs > 0).cumsum(0) >= k  # a prefix with all of q's mass: Q = 1 once it holds k tokens
-    inside = torch.where(outside > 0, 1 - miss, enough.to(qs.dtype))
-    gap = float((inside - ps.cumsum(0)).max().clamp(min=0))  # the empty set gives 0
-    return 1 - gap
+    return miss
 
 
 def optimal_acceptance(p, q, k: int, replacement: bool = True):
@@ -121,7 +150,7 @@ def optimal_acceptance(p, q, k: int, replacement: bool = True):
 
     ``replacement=True``: k i.i.d. drafts; exact, O(V log V), batched over leading dims.
     ``replacement=False``: k distinct drafts drawn sequentially from q (rrs-wor's scheme);
-    1-D p, q; O(V log V + N V k) by quadrature, to about 1e-13 (``optimal_acceptance_wor``);
+    1-D p, q; O(V log V + N V k) by adaptive quadrature, to ~1e-14 (``optimal_acceptance_wor``);
     ``optimal_acceptance_for_scheme`` is the exact enumeration it is checked against.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -130,6 +159,11 @@ def optimal_acceptance(p, q, k: int, replacement: bool = True):
     q_t = torch.as_tensor(q, dtype=torch.float64)
     if p_t.shape != q_t.shape:
         raise ValueError(f"p and q must have the same shape, got {tuple(p_t.shape)} and {tuple(q_t.shape)}")
+    for name, given, rows in (("p", p, p_t), ("q", q, q_t)):
+        # NaN, negative or unnormalized rows had given numbers (nan, or 1.0 for an all-zero q);
+        # a float32 tensor keeps its own sum tolerance
+        dtype = given.dtype if isinstance(given, Tensor) and given.dtype in SUM_TOLERANCE else torch.float64
+        check_distribution(name, rows.reshape(-1, rows.shape[-1]).to(dtype) if rows.dim() else rows.reshape(1, 1))
     if replacement:
         value = optimal_acceptance_iid(p_t, q_t, k)
         return float(value) if value.dim() == 0 else value
