@@ -128,3 +128,19 @@ def test_bad_options_and_k():
     q = CASES["v6-dirichlet-a"][1][None]
     with pytest.raises(ValueError, match="importance supports at most 4 drafts, got k = 5"):
         IMPORTANCE.draft(q, 5)
+
+
+def test_a_rows_kernel_does_not_depend_on_the_other_rows():
+    """The rows share one block-diagonal LP; with a tie-break below the solver's tolerances a
+    degenerate row took a vertex that depended on its neighbours (a kernel of
+    [0.553, 0, 0, 0, 0, 0.447] alone, [0.625, 0.091, 0, 0, 0, 0.283] beside another row)."""
+    g = torch.Generator().manual_seed(3)
+    batch, vocab = 20, 6
+    p = torch._standard_gamma(torch.full((batch, vocab), 0.5, dtype=torch.float64), generator=g)
+    q = torch._standard_gamma(torch.full((batch, vocab), 0.5, dtype=torch.float64), generator=g)
+    p, q = p / p.sum(1, keepdim=True), q / q.sum(1, keepdim=True)
+    drafts = md.get_verifier("rrs").draft(q, 2, generator=torch.Generator().manual_seed(1))
+    verifier = md.get_verifier("importance")
+    together = verifier.kernel(p, q, drafts)
+    alone = torch.cat([verifier.kernel(p[i : i + 1], q[i : i + 1], drafts[i : i + 1]) for i in range(batch)])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-9)
