@@ -266,7 +266,7 @@ def descending_ratio_order(ratio, order, packed, spare):
 @numba.njit(inline="always", **_JIT)
 def plan_positions(p, q, p_total, q_total, k, work):
     """One row's plan in position order (the tokens by non-increasing p/q), for the laws
-    ``p / p_total`` and ``q / q_total`` (the divisions as ``optimal.as_law`` does them).
+    ``p / p_total`` and ``q / q_total`` (``optimal.as_law``'s renormalization, to an ulp).
     ``work``: scratch of at least [WORK_ROWS, V + 1] (``workspace``).
 
     Returns views into ``work``: ``order`` (the token at each position), ``ps`` (p there),
@@ -275,14 +275,16 @@ def plan_positions(p, q, p_total, q_total, k, work):
     """
     vocab = p.shape[0]
     ratio = work[0, :vocab]
+    # one division per token: renormalizing by reciprocals moves values by an ulp at most
+    p_scale, q_scale = 1 / p_total, 1 / q_total
     for t in range(vocab):
-        ratio[t] = (p[t] / p_total) / (q[t] / q_total) if q[t] > 0 else math.inf
+        ratio[t] = (p[t] * p_scale) / (q[t] * q_scale) if q[t] > 0 else math.inf
     order = work[1, :vocab].view(numpy.int64)  # the token ids by non-increasing p/q ("positions")
     descending_ratio_order(ratio, order, work[2, :vocab].view(numpy.int64), work[3, :vocab].view(numpy.int64))
     qs, ps, rs = work[2, :vocab], work[3, :vocab], work[4, :vocab]
     for i in range(vocab):
         t = order[i]
-        qs[i], ps[i], rs[i] = q[t] / q_total, p[t] / p_total, ratio[t]
+        qs[i], ps[i], rs[i] = q[t] * q_scale, p[t] * p_scale, ratio[t]
 
     # 1. The optimal cut T* = {positions >= cut}: the largest T maximizing q(T)^k - p(T).
     # Suffix sums run from the bottom, so that small sums keep their relative precision.
@@ -383,7 +385,7 @@ def plan_positions(p, q, p_total, q_total, k, work):
         slope = scale_m * beta  # phi_m beta_m
         if m + 1 < vocab:
             scale_next = max(phi[m + 1], _MIN_SCALE)
-            next_ratio = scale_next / scale_m
+            next_ratio = scale_next / scale_m  # a division: equal scales give exactly 1
             # the join's own complement, unless the floor changed either scale
             floored = scale_next != phi[m + 1] or scale_m != phi[m]
             drop = 1 - next_ratio if floored else gap[m + 1]
