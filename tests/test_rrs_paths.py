@@ -98,3 +98,30 @@ def test_drafts_without_replacement_use_float64_clocks_for_float32_q():
     one, two = (sample_without_replacement(q.to(dtype).expand(2000, -1), 3, torch.Generator().manual_seed(5))
                 for dtype in (torch.float32, torch.float64))
     assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("name", ["rrs", "rrs-wor", "optimal"])
+def test_fused_paths_refuse_mismatched_shapes_even_without_validation(name):
+    """The kernels index without bounds checks: rows that disagree had been read and written
+    past their arrays (tokens of uninitialized memory came back)."""
+    verifier = md.get_verifier(name, validate_args=False)
+    p, q, drafts, _, _ = _rows("rrs", 2, torch.float64, batch=4, vocab=16)
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"drafts must have shape \[B, k\] with B = 4"):
+        verifier.verify(p, q, drafts[:1], g)
+    with pytest.raises(ValueError, match=r"drafts must have shape \[B, k\] with B = 1"):
+        verifier.verify(p[:1], q[:1], drafts, g)
+    with pytest.raises(ValueError, match=r"p and q must have the same shape \[B, V\]"):
+        verifier.verify(p, q[:, :8].contiguous(), drafts.clamp(max=7), g)
+
+
+def test_an_empty_residual_draws_from_p_not_a_zero_weight_token():
+    """p and q equal up to ulps, the one draft rejected by a uniform just below 1: the residual
+    is empty, and the draw must come from p (it had returned the last token, of p = 0)."""
+    from multidraft.verifiers import rrs_cpu
+
+    p = torch.tensor([0.1, 0.2, 0.3, 0.25, 0.15, 0.0], dtype=torch.float64)
+    q = (p * (1 + 1e-15 * torch.tensor([1.0, -1, 1, -1, 0, 0], dtype=torch.float64)))
+    for u in (0.0, 0.5, 1 - 2**-53):
+        token = rrs_cpu.residual_draw(p.numpy(), q.numpy(), 1.0 + 2e-16, 0.0, u)
+        assert p[token] > 0

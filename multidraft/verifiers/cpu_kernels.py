@@ -22,9 +22,17 @@ def runs_fused(device: torch.device) -> bool:
     return device.type == "cpu" and have_numba()
 
 
-def check_draft_ids(drafts: Tensor, vocab: int) -> None:
-    """Checked even with validate_args=False: a kernel reads p[draft] without bounds checks,
-    and on the CPU this check costs no device sync."""
+def check_kernel_inputs(p: Tensor, q: Tensor, drafts: Tensor | None = None) -> None:
+    """Checked even with validate_args=False: the kernels index p, q and drafts without bounds
+    checks, so their shapes must agree and every draft id must be a token (on the CPU this costs
+    no device sync).  With mismatched rows a kernel had read and written past its arrays."""
+    if p.dim() != 2 or p.shape != q.shape:
+        raise ValueError(f"p and q must have the same shape [B, V], got {tuple(p.shape)} and {tuple(q.shape)}")
+    if drafts is None:
+        return
+    if drafts.dim() != 2 or drafts.shape[0] != p.shape[0]:
+        raise ValueError(f"drafts must have shape [B, k] with B = {p.shape[0]} (p's rows), got {tuple(drafts.shape)}")
+    vocab = p.shape[1]
     if drafts.numel() and not 0 <= int(drafts.min()) <= int(drafts.max()) < vocab:
         raise ValueError(f"drafts must be token ids in [0, {vocab}), got values in "
                          f"[{int(drafts.min())}, {int(drafts.max())}]")

@@ -191,6 +191,7 @@ def _fused_plan(p: Tensor, q: Tensor, k: int) -> Plan:
     # numba compiles the kernel, or loads it from its cache, on first use
     from .optimal_cpu import plan_rows
 
+    cpu_kernels.check_kernel_inputs(p, q)
     p_np, q_np = p.detach().contiguous().numpy(), q.detach().contiguous().numpy()
     scale, marginal = numpy.empty_like(p_np), numpy.empty_like(p_np)
 
@@ -333,7 +334,7 @@ def _fused_verify(p: Tensor, q: Tensor, drafts: Tensor, generator) -> Verdict:
     def rows_of(x: Tensor) -> numpy.ndarray:  # float64 only: one compiled copy of the kernel
         return x.detach().to(torch.float64).contiguous().numpy()
 
-    cpu_kernels.check_draft_ids(drafts, p.shape[1])
+    cpu_kernels.check_kernel_inputs(p, q, drafts)
     p_np, q_np, d_np = rows_of(p), rows_of(q), drafts.detach().to(torch.long).contiguous().numpy()
     u = _verdict_uniforms(drafts, generator).numpy()
     token = torch.empty(drafts.shape[0], dtype=torch.long)

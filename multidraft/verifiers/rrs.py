@@ -27,7 +27,7 @@ from .base import (
     sample_categorical,
     sample_from_weights_with,
 )
-from .cpu_kernels import check_draft_ids, row_chunks, run_on_chunks, runs_fused
+from .cpu_kernels import check_kernel_inputs, row_chunks, run_on_chunks, runs_fused
 
 
 def unnormalized_residual(p: Tensor, q: Tensor, c: Tensor) -> Tensor:
@@ -145,7 +145,7 @@ def _verify_fused(p, q, drafts, without_replacement, uniforms, u_fallback) -> Te
     first accepted draft, and each rejection costs one pass over its p and q."""
     from .rrs_cpu import verify_rows  # numba compiles the kernel, or loads it from its cache
 
-    check_draft_ids(drafts, p.shape[1])
+    check_kernel_inputs(p, q, drafts)
     rows = [x.detach().contiguous().numpy() for x in (p, q, drafts, uniforms, u_fallback.squeeze(1))]
     token = torch.empty(drafts.shape[0], dtype=torch.long)
     out = token.numpy()
