@@ -22,6 +22,7 @@ from multidraft.verifiers.optimal import (
     race_win_probabilities,
 )
 from multidraft.verifiers.optimal_cpu import descending_ratio_order, join_lengths
+from rows_and_threads import llm_like, on_threads
 
 OPTIMAL_TOL = 1e-9  # acceptance against optimal_acceptance
 EXACT_TOL = 1e-12  # output law against p, by enumeration
@@ -51,14 +52,6 @@ def _random_case(g: torch.Generator, kind: int):
     if q.sum() == 0:
         q[-1] = 1.0
     return p / p.sum(), q / q.sum(), k
-
-
-def _llm_like(batch: int, vocab: int, seed: int, noise: float, scale: float):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(batch, vocab, generator=g, dtype=torch.float64) * scale
-    p = logits.softmax(-1)
-    q = (logits + noise * torch.randn(batch, vocab, generator=g, dtype=torch.float64)).softmax(-1)
-    return p, q
 
 
 # The plan runs fused (numba, the CPU default) or as tensor ops (other devices): test both.
@@ -182,7 +175,7 @@ def test_fused_join_solver_from_far_above_a_small_nearly_double_root(k):
 @pytest.mark.parametrize("k", [2, 3, 4, 8, 16])
 @pytest.mark.parametrize("noise,scale", [(0.3, 3.0), (1.0, 1.0), (1.0, 3.0), (3.0, 3.0)])
 def test_large_vocabulary_reaches_the_bound(k, noise, scale, fused):
-    p, q = _llm_like(4, 32_000, seed=10 * k + int(noise * 3), noise=noise, scale=scale)
+    p, q = llm_like(4, 32_000, seed=10 * k + int(noise * 3), noise=noise, scale=scale)
     plan = optimal_plan(p, q, k, fused)
     s = plan.marginal
     assert bool((s >= 0).all())
@@ -193,7 +186,7 @@ def test_large_vocabulary_reaches_the_bound(k, noise, scale, fused):
 
 @pytest.mark.parametrize("fused", PLANS)
 def test_batch_rows_are_independent(fused):
-    p, q = _llm_like(5, 300, seed=1, noise=1.0, scale=2.0)
+    p, q = llm_like(5, 300, seed=1, noise=1.0, scale=2.0)
     p[2], q[2] = CASES["v6-tied-ratios"][0].repeat(50) / 50, CASES["v6-tied-ratios"][1].repeat(50) / 50
     plan = optimal_plan(p, q, 3, fused)
     for b in range(5):
@@ -207,7 +200,7 @@ def test_fused_and_tensor_plans_agree(k):
     """The two implementations of one algorithm: the same winner law to rounding, on LLM-like
     rows and on rows with zeros and exact ties (the scales differ where rounding decides a
     near-tied group's order, which moves s by rounding only)."""
-    p, q = _llm_like(6, 2000, seed=k, noise=1.0, scale=3.0)
+    p, q = llm_like(6, 2000, seed=k, noise=1.0, scale=3.0)
     p[1, :1000], q[2, 1000:] = 0.0, 0.0  # zeros in p, in q
     p[3], q[3] = CASES["v6-tied-ratios"][0].repeat(2000 // 6 + 1)[:2000], CASES["v6-tied-ratios"][1].repeat(2000 // 6 + 1)[:2000]
     p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
@@ -248,27 +241,17 @@ def test_without_numba_the_tensor_plan_serves(monkeypatch):
     from multidraft.verifiers import cpu_kernels
 
     monkeypatch.setattr(cpu_kernels, "have_numba", lambda: False)
-    p, q = _llm_like(2, 300, seed=4, noise=1.0, scale=2.0)
+    p, q = llm_like(2, 300, seed=4, noise=1.0, scale=2.0)
     plan = optimal_plan(p, q, 3)  # the default falls back to tensor ops
     torch.testing.assert_close(plan.marginal, optimal_plan(p, q, 3, fused=False).marginal, rtol=0, atol=0)
     with pytest.raises(ValueError, match="needs numba"):
         optimal_plan(p, q, 3, fused=True)
 
 
-def _on_threads(threads: int, fn):
-    """fn() with torch's thread count (the fused kernel's row split) set to ``threads``."""
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        return fn()
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_fused_rows_split_over_threads_give_the_same_plan():
-    p, q = _llm_like(5, 2000, seed=5, noise=1.0, scale=3.0)
-    one = _on_threads(1, lambda: optimal_plan(p, q, 3, fused=True))
-    split = _on_threads(3, lambda: optimal_plan(p, q, 3, fused=True))  # 5 rows in chunks of 1-2, on three threads
+    p, q = llm_like(5, 2000, seed=5, noise=1.0, scale=3.0)
+    one = on_threads(1, lambda: optimal_plan(p, q, 3, fused=True))
+    split = on_threads(3, lambda: optimal_plan(p, q, 3, fused=True))  # 5 rows in chunks of 1-2, on three threads
     assert torch.equal(one.scale, split.scale) and torch.equal(one.marginal, split.marginal)
 
 
@@ -276,7 +259,7 @@ def _ratio_rows():
     """Rows of p/q that stress the fused plan's radix sort: ties, 0 and inf, near-equal values
     the key cannot tell apart, and outliers that stretch the key's range."""
     g = torch.Generator().manual_seed(6)
-    p, q = _llm_like(1, 5000, seed=6, noise=1.0, scale=3.0)
+    p, q = llm_like(1, 5000, seed=6, noise=1.0, scale=3.0)
     dense = (p / q)[0]
     tied = dense.clone()
     tied[::3] = tied[0]  # one value a third of the row
@@ -333,7 +316,7 @@ def test_both_verify_paths_emit_the_same_tokens_for_the_same_seed():
     """Both draw [B, k + 2] uniforms the same way, so only rounding (at a CDF step, or a keep
     probability within ~1e-12 of the coin) could part them."""
     for k, vocab, seed in [(2, 300, 0), (3, 700, 1), (4, 2000, 2)]:
-        p, q = _llm_like(1000, vocab, seed=seed, noise=1.0, scale=2.0)
+        p, q = llm_like(1000, vocab, seed=seed, noise=1.0, scale=2.0)
         drafts = md.get_verifier("optimal").draft(q, k, torch.Generator().manual_seed(seed))
         tokens = [md.get_verifier("optimal", fused=fused).verify(p, q, drafts, torch.Generator().manual_seed(7)).token
                   for fused in (True, False)]
@@ -341,10 +324,10 @@ def test_both_verify_paths_emit_the_same_tokens_for_the_same_seed():
 
 
 def test_fused_verify_is_the_same_on_any_number_of_threads():
-    p, q = _llm_like(7, 3000, seed=8, noise=1.0, scale=3.0)
+    p, q = llm_like(7, 3000, seed=8, noise=1.0, scale=3.0)
     verifier = md.get_verifier("optimal", fused=True)
     drafts = verifier.draft(q, 3, torch.Generator().manual_seed(1))
-    one, split = (_on_threads(n, lambda: verifier.verify(p, q, drafts, torch.Generator().manual_seed(2)).token) for n in (1, 3))
+    one, split = (on_threads(n, lambda: verifier.verify(p, q, drafts, torch.Generator().manual_seed(2)).token) for n in (1, 3))
     assert torch.equal(one, split)
 
 
@@ -361,7 +344,7 @@ def test_fused_scratch_always_fits_the_call():
 
 
 def test_fused_verify_checks_draft_ids_even_without_validation():
-    p, q = _llm_like(2, 50, seed=9, noise=1.0, scale=2.0)
+    p, q = llm_like(2, 50, seed=9, noise=1.0, scale=2.0)
     verifier = md.get_verifier("optimal", fused=True, validate_args=False)
     for bad in (torch.tensor([[1, 50], [2, 3]]), torch.tensor([[-1, 0], [2, 3]])):
         with pytest.raises(ValueError, match=r"drafts must be token ids in \[0, 50\)"):

@@ -25,6 +25,7 @@ from strategies import random_case
 import multidraft.verifiers.otm as otm
 from multidraft.proofs.cases import CASES, supported_ks
 from multidraft.verifiers.rrs_wor import draft_probability_without_replacement
+from rows_and_threads import llm_like
 
 TOL = 1e-12
 OPT_TOL = 1e-9
@@ -58,10 +59,7 @@ def test_random_cases_are_exact_and_optimal(case):
 
 def test_moderate_vocabulary_reaches_the_fast_formula():
     # V = 30, k = 3: 4060 k-subsets, one LP per row; the formula is a quadrature over prefixes.
-    g = torch.Generator().manual_seed(8)
-    logits = torch.randn(2, 30, generator=g, dtype=torch.float64) * 2
-    p = logits.softmax(-1)
-    q = (logits + torch.randn(2, 30, generator=g, dtype=torch.float64)).softmax(-1)
+    p, q = llm_like(2, 30, seed=8)
     got = md.get_verifier("optimal-wor").expected_acceptance(p, q, 3)
     for row in range(2):
         assert float(got[row]) == pytest.approx(md.proofs.optimal_acceptance(p[row], q[row], 3, replacement=False), abs=OPT_TOL)

@@ -18,6 +18,7 @@ import torch
 import multidraft as md
 import multidraft.verifiers.otm as otm
 from multidraft.proofs.enumeration import tuple_kernels
+from rows_and_threads import llm_like
 
 TOL = 1e-12
 OPT_TOL = 1e-9
@@ -105,10 +106,7 @@ def test_lp_optimum_equals_bruteforce(vocab, k):
 
 def test_moderate_vocabulary_reaches_the_optimum():
     # Batched expected_acceptance: one LP per row (V = 40, k = 2: 1600 variables each).
-    g = torch.Generator().manual_seed(5)
-    logits = torch.randn(3, 40, generator=g, dtype=torch.float64) * 2
-    p = logits.softmax(-1)
-    q = (logits + torch.randn(3, 40, generator=g, dtype=torch.float64)).softmax(-1)
+    p, q = llm_like(3, 40, seed=5)
     got = md.get_verifier("otm").expected_acceptance(p, q, 2)
     torch.testing.assert_close(got, md.proofs.optimal_acceptance(p, q, 2), rtol=0, atol=OPT_TOL)
 

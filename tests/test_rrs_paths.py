@@ -10,6 +10,7 @@ import torch
 import multidraft as md
 from multidraft.verifiers import cpu_kernels
 from multidraft.verifiers.rrs import _verify_dense, _verify_fused
+from rows_and_threads import on_threads
 
 
 def _rows(name: str, k: int, dtype, batch: int = 512, vocab: int = 300, seed: int = 0):
@@ -38,15 +39,9 @@ def test_dense_and_fused_paths_agree(name, without_replacement, k, dtype):
 
 
 def test_fused_path_is_the_same_on_any_number_of_threads():
-    p, q, drafts, uniforms, u_fallback = _rows("rrs", 3, torch.float32, batch=37)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _verify_fused(p, q, drafts, False, uniforms, u_fallback)
-        torch.set_num_threads(3)  # 37 rows in chunks of 12-13
-        split = _verify_fused(p, q, drafts, False, uniforms, u_fallback)
-    finally:
-        torch.set_num_threads(before)
+    rows = _rows("rrs", 3, torch.float32, batch=37)
+    one = on_threads(1, lambda: _verify_fused(*rows[:3], False, *rows[3:]))
+    split = on_threads(3, lambda: _verify_fused(*rows[:3], False, *rows[3:]))  # 37 rows in chunks of 12-13
     assert torch.equal(one, split)
 
 

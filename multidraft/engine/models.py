@@ -133,8 +133,8 @@ def check_positions(models: dict, needed: int) -> None:
     """Raise unless every model that declares ``max_positions`` (a table of learned absolute
     positions, or the length its configuration names) has room for positions 0..needed - 1."""
     for name, model in models.items():
-        limit = getattr(model, "max_positions", None)
-        if model is not None and limit is not None and needed > limit:
+        limit = getattr(model, "max_positions", None)  # None for a model that declares none (or no model)
+        if limit is not None and needed > limit:
             raise ValueError(f"the {name} model takes positions below {limit} (max_positions), but this call needs "
                              f"{needed}: prompt length + max_new_tokens (+ depth while speculating); shorten one")
 

@@ -162,8 +162,8 @@ def optimal_acceptance(p, q, k: int, replacement: bool = True):
     for name, given, rows in (("p", p, p_t), ("q", q, q_t)):
         # NaN, negative or unnormalized rows had given numbers (nan, or 1.0 for an all-zero q);
         # a float32 tensor keeps its own sum tolerance
-        dtype = given.dtype if isinstance(given, Tensor) and given.dtype in SUM_TOLERANCE else torch.float64
-        check_distribution(name, rows.reshape(-1, rows.shape[-1]).to(dtype) if rows.dim() else rows.reshape(1, 1))
+        checked = given if isinstance(given, Tensor) and given.dtype in SUM_TOLERANCE else rows
+        check_distribution(name, checked.reshape(-1, checked.shape[-1]) if checked.dim() else checked.reshape(1, 1))
     if replacement:
         value = optimal_acceptance_iid(p_t, q_t, k)
         return float(value) if value.dim() == 0 else value

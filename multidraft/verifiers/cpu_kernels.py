@@ -1,5 +1,5 @@
 """What the fused CPU kernels (``rrs_cpu``, ``optimal_cpu``, numba) share: whether they can
-run, the draft-id check they cannot skip, and the split of a batch's rows over threads."""
+run, the input checks they cannot skip, and the split of a batch's rows over threads."""
 
 from __future__ import annotations
 

@@ -86,25 +86,23 @@ def draftable_masses(q, total, drafts, without_replacement, z):
 
 @numba.njit(**_JIT)
 def residual_draw(p, q, c, mass, u):
-    """A token from max(p - c q, 0) / mass (from p where mass = 0) by inverse CDF with u in
-    [0, 1): the first token whose cumulative weight exceeds u times the total.  A token of
-    weight 0 is never returned: where rounding leaves the running sum below the goal (the
-    total came from a reassociated sum), the last token of positive weight is."""
-    vocab = p.shape[0]
-    use_p = not mass > 0
-    total = mass
-    if use_p:
-        total = row_sums(p, p)[0]
-    goal = min(u * total, numpy.nextafter(total, 0.0))
+    """A token from max(p - c q, 0) / mass by inverse CDF with u in [0, 1): the first token
+    whose cumulative weight exceeds u times the total.  An empty residual (mass 0, reached with
+    probability 0) draws from p instead, as c = 0.  A token of weight 0 is never returned: where
+    rounding leaves the running sum below the goal (the total came from a reassociated sum), the
+    last token of positive weight is."""
+    if not mass > 0:
+        c, mass = 0.0, residual_mass(p, q, 0.0)
+    goal = min(u * mass, numpy.nextafter(mass, 0.0))
     acc, last = 0.0, -1
-    for t in range(vocab):
-        w = p[t] if use_p else p[t] - c * q[t]
+    for t in range(p.shape[0]):
+        w = p[t] - c * q[t]
         if w > 0:
             acc += w
             last = t
             if acc > goal:
                 return t
-    if last < 0 and not use_p:  # no positive weight after all: the residual is empty, draw from p
+    if last < 0 and c != 0.0:  # no positive weight after all: the residual is empty, draw from p
         return residual_draw(p, q, c, 0.0, u)
     return last
 
