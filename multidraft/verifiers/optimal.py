@@ -19,6 +19,7 @@ p is the target law, q the draft law, drafts x_1..x_k i.i.d. from q.
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import NamedTuple
 
@@ -40,7 +41,8 @@ from .base import (
 # Newton steps for the join equation, after a quadratic upper bound that is exact for k = 2.
 NEWTON_STEPS = 4
 # Floor on one join's log-scale drop.  A drop this deep marks a group that ran out (a tight set,
-# such as H above T*): the tokens below then beat it with probability <= exp(-SEG_FLOOR) ~ 4e-18.
+# such as H above T*): the tokens below then beat it with probability <= exp(-SEG_FLOOR) ~ 4e-18
+# (smallest_log_ratio raises it where the masses on either side make that unlikely anyway).
 SEG_FLOOR = 40.0
 MIN_LOG_SCALE = -600.0  # floor on log scales, keeping exp(+-log scale) finite in float64
 
@@ -140,8 +142,13 @@ def _join_lengths(base: Tensor, sigma: Tensor, deficit: Tensor, group: Tensor, k
     # the positive root of a2 L^2 + a1 L = deficit, in its cancellation-free form for either sign
     quad = torch.where(a1 >= 0, 2 * deficit / (a1 + disc), (disc - a1) / (2 * a2))
     length = torch.fmin(group, quad)  # fmin: a nan bound (0 / 0) leaves the group length
+    # No root in (0, group] when the left side is below the deficit at L = group: never with
+    # the exact cut (docs, step D), but where rounding decided the cut the group can be asked
+    # for more than its levels hold.  The token then joins at once (L = group), as the fused
+    # kernel's solver does, rather than at L = 0, which would end the group (a ratio of e^-40).
+    short = group * _power_sum(base + group, base, k) - sigma * group < deficit
     if k == 2:  # the quadratic is the equation
-        return length
+        return torch.where(short, group, length)
     base_k = b_powers[-1] * base
     for _ in range(NEWTON_STEPS):
         rise = torch.addcmul(deficit, sigma, length)
@@ -149,7 +156,7 @@ def _join_lengths(base: Tensor, sigma: Tensor, deficit: Tensor, group: Tensor, k
         h = length - rise / _power_sum(log_tau.exp(), base, k, b_powers)
         slope = 1 - sigma / k * log_tau.mul_(1 - k).exp_()  # H'(L), > 0 right of the root
         length = torch.fmin(length - h / slope, length).clamp_(min=0)  # never up; nan: stay
-    return length
+    return torch.where(short, group, length)
 
 
 def optimal_plan(p: Tensor, q: Tensor, k: int, fused: bool | None = None) -> Plan:
@@ -228,6 +235,82 @@ def _over_row_chunks(fn, batch: int, vocab: int) -> None:
     cpu_kernels.run_on_chunks(fn, chunks, _WORKSPACES.get(vocab, len(chunks)))
 
 
+def smallest_log_ratio(above: Tensor, rest: Tensor, k: int) -> Tensor:
+    """The floor on the log of a scale ratio between a block's positions before i (q-mass
+    ``above``) and from i on (``rest``): -SEG_FLOOR, raised towards 0 as the chance that a
+    tuple holds drafts from both sides, at most k (k - 1) above rest, falls below e^-SEG_FLOOR.
+
+    A ratio larger than the ideal race's lets a draft from below outbid one from above only
+    if the latter's uniform is below the ratio: probability <= k (k - 1) above rest ratio, so
+    this floor costs at most e^-SEG_FLOOR of acceptance per position where it is used (docs,
+    Theorem 2).  It keeps tokens of negligible mass from spending the scales' range: rows with
+    dozens of tokens at q ~ 1e-20 next to real ones, whose structure rounding decides, would
+    otherwise cost e^-40 each and reach the floor e^MIN_LOG_SCALE after 15, below which the
+    race can no longer tell the real tokens apart.
+    """
+    pairs = (k * (k - 1)) * above * rest
+    return -SEG_FLOOR - pairs.clamp(min=math.exp(-SEG_FLOOR), max=1.0).log()
+
+
+def _deficits(room: Tensor, in_h: Tensor, in_t: Tensor) -> Tensor:
+    """The join equations' deficits [B, V] from ``room`` = (what the group's levels can win,
+    down to where it would run out alone) - (the group's targets), per position.
+
+    With the exact optimal cut the room is > 0 in H and >= 0 in T* (docs, step B).  Where the
+    cut was decided by rounding (values tied to the last bit) it can be < 0: the group's
+    targets exceed what its levels can win, the group runs out, and a deficit clamped at 0
+    there would leave every later position of the block in the same debt, each ending a group
+    at once (a scale ratio of e^-40 per position, the floor after 15).  So the debt is written
+    off where it arises: each room is raised by the largest shortfall so far in its block (0
+    with the exact cut, where this changes nothing).
+    """
+    shortfall = (-room).clamp(min=0)
+    written_off = shortfall.mul(in_h).cummax(dim=-1).values * in_h + shortfall.mul(in_t).cummax(dim=-1).values * in_t
+    return (room + written_off).clamp(min=0)
+
+
+def _shared_joins(left: Tensor, sigma: Tensor, qs: Tensor, q_group: Tensor, pos: Tensor, cut: Tensor) -> Tensor:
+    """Join lengths [B, V] with a run of positions that share sigma (capped, floored, tied)
+    joining at the level of the run's first: F_i(l_i) = 0 there (docs, step D), so that is the
+    root, and the solver, near a double root where the group's ratio is k l^(k-1), would only
+    find it to a few digits (each miss a scale ratio of e^-40).  The group's length left at that
+    level grows by the q-mass the run adds; a run is cut by the block's start and by a position
+    after one with q = 0 (where the fused kernel also solves)."""
+    after_empty = _shift_right((qs == 0).to(qs.dtype)) > 0
+    starts = (sigma != _shift_right(sigma)) | (pos == 0) | (pos == cut) | after_empty  # [B, V]
+    start = torch.where(starts, pos, 0).cummax(dim=-1).values  # [B, V] the run's first position
+    return torch.where(starts, left, left.gather(1, start) + q_group - q_group.gather(1, start))
+
+
+def optimal_cut(qs: Tensor, ps: Tensor, q_below: Tensor, k: int) -> Tensor:
+    """The first position of T* [B, 1] (V for T* = {}): of the sets {positions >= i} the largest
+    maximizing ``q(T)^k - p(T)``, for q and p in position order [B, V] and q_below their q
+    suffix sums.
+
+    Two stages, because a token whose own change to the value, ``q_i h_k(Q_i, Q_{i+1}) - p_i``
+    (Q_i = q_below[:, i]), lies below the rounding of the value itself (a q of 1e-22 next to a
+    value of 0.6) leaves the value unchanged in float64: such a token ties, and the tie, which
+    goes to the larger T, would put it into T* even where it loses.  So the float maximum only
+    picks the candidates (the positions whose value equals it), and among them the sums of the
+    tokens' own changes across the candidates' span decide, each term to its own precision.
+    """
+    vocab = qs.shape[1]
+    pos = torch.arange(vocab, device=qs.device)
+    upper = q_below.clamp(max=1)
+    lower = torch.cat([q_below[:, 1:], torch.zeros_like(q_below[:, :1])], dim=-1).clamp(max=1)
+    width = torch.where(q_below <= 1, qs, upper - lower)  # upper^k - lower^k = width * h_k
+    change = width * _power_sum(upper, lower, k) - ps  # [B, V] value(i) - value(i + 1)
+    value = (_power(upper, k) - _suffix_sum(ps)).masked_fill_(qs == 0, float("-inf"))
+    best = value.amax(dim=-1, keepdim=True)  # [B, 1]
+    tied = value == best  # [B, V] the candidates
+    first = torch.where(tied, pos, vocab).amin(dim=-1, keepdim=True)
+    last = torch.where(tied, pos, -1).amax(dim=-1, keepdim=True)
+    span = (pos >= first) & (pos < last)  # [B, V]
+    fine = _suffix_sum(change * span).masked_fill_(~tied, float("-inf"))  # value(i) - value(last)
+    cut = fine.argmax(dim=-1, keepdim=True)  # the first maximum: the largest T
+    return torch.where(best >= 0, cut, vocab)  # T* = {} when every T loses to the empty one
+
+
 def _tensor_plan(p: Tensor, q: Tensor, ratio: Tensor, order: Tensor, k: int) -> Plan:
     """The plan as [B, V] tensor ops (any device)."""
     vocab = p.shape[1]
@@ -236,15 +319,13 @@ def _tensor_plan(p: Tensor, q: Tensor, ratio: Tensor, order: Tensor, k: int) -> 
 
     # 1. The optimal cut: T* = {positions >= cut}, the largest T maximizing q(T)^k - p(T).
     q_below = _suffix_sum(qs)  # [B, V] q-mass of positions >= i
-    value = (_power(q_below.clamp(max=1), k) - _suffix_sum(ps)).masked_fill_(qs == 0, float("-inf"))
-    best, cut = value.max(dim=-1, keepdim=True)  # first maximum: the largest T
-    cut = torch.where(best >= 0, cut, vocab)  # [B, 1]; T* = {} when every T loses to the empty one
+    cut = optimal_cut(qs, ps, q_below, k)  # [B, 1]
     in_t = (pos >= cut).to(p.dtype)  # [B, V] 1 on T*, 0 on H
     in_h = 1 - in_t
     top_h = q_below[:, :1]  # level at the top: the total q-mass
     a = torch.cat([q_below, q_below[:, :1] * 0], dim=-1).gather(1, cut)  # [B, 1] q(T*)
     top = top_h + (a - top_h) * in_t  # [B, V] level at the top of the position's block
-    mass_h, mass_t = _power(top_h, k) - _power(a, k), _power(a, k)  # what H and T* win
+    mass_t = _power(a, k)  # what T* wins
 
     def before(x: Tensor) -> Tensor:
         """Sum of x over the positions of i's block (H or T*) before i, summed from the block's
@@ -255,11 +336,15 @@ def _tensor_plan(p: Tensor, q: Tensor, ratio: Tensor, order: Tensor, k: int) -> 
     q_in, p_in = q_group + qs, p_group + ps  # through i
 
     # 2. Targets: min(p, c q) on H with c such that H wins mass_h; max(p, c' q) on T*.
-    p_h = (ps * in_h).sum(dim=-1, keepdim=True)  # [B, 1] p(H)
-    over = rs * q_in + (p_h - p_in)  # [B, V] sum_H min(p, r_i q); nan where q_in = 0
-    j = (((over > mass_h) | (qs == 0)) & (pos < cut)).sum(dim=-1, keepdim=True)  # capped: pos < j
+    # H wins mass_h = p(H) - excess, excess = q(T*)^k - p(T*) >= 0 the cut's value, so position
+    # i of H is capped (sum_H min(p, r_i q) > mass_h) when sum over H's first i positions of
+    # p - r_i q is below the excess: small sums where H's first tokens are, not sums near p(H)
+    # whose rounding would decide.
+    excess = (mass_t - _suffix_sum(ps * in_t)[:, :1]).clamp(min=0)  # [B, 1]
+    short = p_in - rs * q_in  # [B, V]; nan where q_in = 0
+    j = (((short < excess) | (qs == 0)) & (pos < cut)).sum(dim=-1, keepdim=True)  # capped: pos < j
     last = (j - 1).clamp(min=0)
-    cap = (mass_h - p_h + p_in.gather(1, last)) / q_in.gather(1, last)  # [B, 1]
+    cap = (p_in.gather(1, last) - excess) / q_in.gather(1, last)  # [B, 1]
     cap = torch.where(j > 0, cap, 0.0).nan_to_num(nan=0.0, posinf=0.0)
     under = p_group + rs * q_below  # [B, V] sum_T* max(p, r_i q)
     jt = (cut + ((under > mass_t) & (pos >= cut)).sum(dim=-1, keepdim=True)).clamp(max=vocab - 1)
@@ -270,13 +355,19 @@ def _tensor_plan(p: Tensor, q: Tensor, ratio: Tensor, order: Tensor, k: int) -> 
 
     # 3. Processor sharing down each block: i joins the group of its block's earlier positions
     # when the group, with length L left, has win-mass sigma_i * L left (docs: Algorithm, step 3).
-    sigma = (target / qs).nan_to_num(nan=0.0)
-    s_group = before(target)
+    # sigma is cap (floor) itself on the capped (floored) positions, so that a run of them is
+    # seen to share it
+    sigma = torch.where(qs > 0, rs, 0.0)
+    sigma = torch.where((capped > 0) & (cap * qs < ps), cap.expand_as(sigma), sigma)
+    sigma = torch.where((in_t > 0) & (floor * qs > ps), floor.expand_as(sigma), sigma)
     base = top - q_group  # level where the group would run out alone
-    deficit = (q_group * _power_sum(top, base, k) - s_group).clamp(min=0)
+    deficit = _deficits(q_group * _power_sum(top, base, k) - before(target), in_h, in_t)
     left = _join_lengths(base, sigma, deficit, q_group, k)  # [B, V]; 0 at a block's top
+    left = _shared_joins(left, sigma, qs, q_group, pos, cut)
     left_before = _shift_right(left + qs)  # the group's length left at the previous join
-    seg = (torch.minimum(left, left_before) / left_before).log().clamp(min=-SEG_FLOOR).nan_to_num(nan=0.0)
+    q_rest = _suffix_sum(qs * in_h) * in_h + q_below * in_t  # [B, V] mass of i's block from i on
+    least = smallest_log_ratio(q_group, q_rest, k)
+    seg = torch.maximum((torch.minimum(left, left_before) / left_before).log(), least).nan_to_num(nan=0.0)
     log_scale = seg.cumsum(dim=-1)
     # T* starts SEG_FLOOR below H's lowest scale: every tuple with a token of H selects one,
     # except with probability <= exp(-SEG_FLOOR)

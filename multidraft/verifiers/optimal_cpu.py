@@ -45,7 +45,7 @@ _MIN_SCALE = math.exp(MIN_LOG_SCALE)  # floor on scales
 NEWTON_TOLERANCE = 1e-12
 POLYNOMIAL_STEPS = 6  # Halley on the polynomial: fast from a warm start
 ROOT_FORM_STEPS = 30  # then in the k-th-root form: fast from far away
-WORK_ROWS = 13  # scratch rows of V + 1 doubles: 12 for one row's plan, one for a verdict's residual
+WORK_ROWS = 14  # scratch rows of V + 1 doubles: 13 for one row's plan, one for a verdict's residual
 
 
 @numba.njit(**_JIT)
@@ -80,6 +80,15 @@ def power_sum(a, b, k):
         b_pow *= b
         total = total * a + b_pow
     return total
+
+
+@numba.njit(**_JIT)
+def smallest_ratio(above, rest, k):
+    """The floor on a scale ratio between a block's positions before i (q-mass ``above``) and
+    from i on (``rest``): e^-SEG_FLOOR, raised to 1 as k (k - 1) above rest falls below it
+    (optimal.smallest_log_ratio)."""
+    pairs = k * (k - 1) * above * rest
+    return _SEG_RATIO / min(max(pairs, _SEG_RATIO), 1.0)
 
 
 @numba.njit(**_JIT)
@@ -291,27 +300,33 @@ def plan_positions(p, q, p_total, q_total, k, work):
         qs[i], ps[i], rs[i] = q[t] * q_scale, p[t] * p_scale, ratio[t]
 
     # 1. The optimal cut T* = {positions >= cut}: the largest T maximizing q(T)^k - p(T).
-    # Suffix sums run from the bottom, so that small sums keep their relative precision.
+    # Suffix sums run from the bottom, so that small sums keep their relative precision.  Sets
+    # are compared by ``gain``, the value of {positions >= i} less that of the best set so far,
+    # summed from each token's own change (see optimal.cut_gains): a token far below the
+    # rounding of q(T)^k - p(T) would otherwise tie, and join T* even where it loses.
     q_below = work[5, : vocab + 1]  # q-mass of positions >= i
     q_below[vocab] = 0.0
-    p_below, best, cut = 0.0, -math.inf, vocab
+    gain, cut = 0.0, vocab  # the empty set, value 0, is the first best
     for i in range(vocab - 1, -1, -1):
         q_below[i] = q_below[i + 1] + qs[i]
-        p_below += ps[i]
-        if qs[i] > 0:
-            value = power(min(q_below[i], 1.0), k) - p_below
-            if value >= best:  # on ties the smaller position: the larger T
-                best, cut = value, i
-    if best < 0:
-        cut = vocab
+        upper, lower = min(q_below[i], 1.0), min(q_below[i + 1], 1.0)
+        width = qs[i] if q_below[i] <= 1.0 else upper - lower  # upper^k - lower^k = width h_k
+        gain += width * power_sum(upper, lower, k) - ps[i]
+        if qs[i] > 0 and gain >= 0:  # at least as good as the best: on ties the larger T
+            gain, cut = 0.0, i
     top_h, a = q_below[0], q_below[cut]
-    mass_h, mass_t = power(top_h, k) - power(a, k), power(a, k)  # what H and T* win
+    mass_t = power(a, k)  # what T* wins
 
     # 2. Targets: min(p, c q) on H's first j positions, max(p, c' q) on T*.
+    # H wins mass_h = p(H) - excess, excess = q(T*)^k - p(T*) >= 0 the cut's value: position i
+    # of H is capped when sum_H min(p, r_i q) > mass_h, i.e. when p - r_i q summed over H's first
+    # i positions is below the excess.  Both sides are small where H's first tokens are (a
+    # comparison of sums near p(H) instead would be decided by their rounding).
     q_group, p_group = work[6, :vocab], work[7, :vocab]  # mass of the block before i
-    p_h = 0.0
-    for i in range(cut):
-        p_h += ps[i]
+    p_t = 0.0
+    for i in range(vocab - 1, cut - 1, -1):
+        p_t += ps[i]
+    excess = max(mass_t - p_t, 0.0)
     q_acc = p_acc = 0.0
     j, jt = 0, cut
     for i in range(vocab):
@@ -322,18 +337,26 @@ def plan_positions(p, q, p_total, q_total, k, work):
             jt += 1
         q_acc += qs[i]
         p_acc += ps[i]
-        if i < cut and (qs[i] == 0 or rs[i] * q_acc + (p_h - p_acc) > mass_h):
+        if i < cut and (qs[i] == 0 or p_acc - rs[i] * q_acc < excess):
             j += 1
     cap = 0.0
     if j > 0:
         last = j - 1
-        cap = (mass_h - p_h + p_group[last] + ps[last]) / (q_group[last] + qs[last])
+        cap = (p_group[last] + ps[last] - excess) / (q_group[last] + qs[last])
         if not math.isfinite(cap):
             cap = 0.0
     jt = min(jt, vocab - 1)
     floor = (mass_t - p_group[jt]) / q_below[jt]
     if not math.isfinite(floor):
         floor = 0.0
+
+    q_rest = work[12, :vocab]  # q-mass of the positions >= i in i's block
+    rest = 0.0
+    for i in range(vocab - 1, -1, -1):
+        if i == cut - 1:
+            rest = 0.0
+        rest += qs[i]
+        q_rest[i] = rest
 
     # 3. Processor sharing down each block.  Position i joins its block's group of earlier
     # positions with length ``left`` left; the scale falls by left / (the group's length at
@@ -355,12 +378,15 @@ def plan_positions(p, q, p_total, q_total, k, work):
             target, sigma = floor * qs[i], floor
         if not qs[i] > 0:
             sigma = 0.0
+        top = top_h if i < cut else a
+        base = top - q_group[i]
+        deficit = q_group[i] * power_sum(top, base, k) - s_acc
+        if deficit < 0:  # the group's targets exceed all its levels can win: see optimal._deficits
+            s_acc += deficit
+            deficit = 0.0
         if sigma == sigma_prev and left_prev > 0 and i != cut:  # F_i(l_i) = 0: the root is l_i
             left = left_prev
         else:
-            top = top_h if i < cut else a
-            base = top - q_group[i]
-            deficit = max(q_group[i] * power_sum(top, base, k) - s_acc, 0.0)
             left = join_length(base, sigma, deficit, q_group[i], left_prev, k)
         sigma_prev = sigma
         s_acc += target
@@ -369,8 +395,9 @@ def plan_positions(p, q, p_total, q_total, k, work):
             ratio, drop = _SEG_RATIO, 1 - _SEG_RATIO
         elif left_prev > 0 and not math.isnan(left):
             kept = min(left, left_prev)
-            ratio = max(kept / left_prev, _SEG_RATIO)
-            drop = min((left_prev - kept) / left_prev, 1 - _SEG_RATIO)
+            least = smallest_ratio(q_group[i], q_rest[i], k)
+            ratio = max(kept / left_prev, least)
+            drop = min((left_prev - kept) / left_prev, 1 - least)
         running *= ratio
         phi[i], gap[i] = running, drop
         left_prev = left + qs[i]
@@ -534,7 +561,7 @@ def verify_row(p, q, drafts, u, k, out, work):
     if u[k] < keep:
         out[0] = winner
         return
-    by_token = work[12, :vocab]
+    by_token = work[13, :vocab]
     for m in range(vocab):
         by_token[order[m]] = marginal[m]
     out[0] = residual_draw(p, p_total, by_token, u[k + 1])
