@@ -89,3 +89,34 @@ def test_two_level_draws_follow_the_law():
     draws = sample_categorical(q.expand(SAMPLES // 100, -1), 100, generator=gen).flatten()
     counts = torch.bincount(draws, minlength=vocab)
     assert_law(counts.numpy(), q[0].numpy(), "two-level inverse CDF")
+
+
+@pytest.mark.parametrize("name", ["rrs-wor", "optimal-wor"])
+@pytest.mark.parametrize(
+    "q",
+    [
+        torch.tensor([1.0, 1e-40, 0.0, 0.0], dtype=torch.float32),  # subnormal in float32
+        torch.tensor([1.0, 3e-40, 2e-40, 0.0], dtype=torch.float32),
+        torch.tensor([1.0, 1e-310, 0.0, 0.0], dtype=torch.float64),  # subnormal in float64
+    ],
+    ids=["f32-one", "f32-two", "f64-one"],
+)
+def test_without_replacement_drafts_handle_subnormal_q(name, q):
+    """A subnormal q: the remaining mass once the big token is drawn is subnormal too.  The
+    draft law summed to 0.0085 where that mass was clamped up to the dtype's tiny, and a race
+    clock E / q overflowed to inf for q = 1e-310, tying with the q = 0 tokens, which were then
+    drafted (98 % of rows)."""
+    import multidraft as md
+    from multidraft.proofs.enumeration import all_tuples
+
+    verifier = md.get_verifier(name)
+    tuples = all_tuples(4, 2)
+    law = verifier.draft_probability(q.expand(tuples.shape[0], -1), tuples)
+    assert abs(float(law.sum()) - 1.0) < 1e-6
+    drafts = verifier.draft(q.expand(4000, -1), 2, torch.Generator().manual_seed(0))
+    assert bool((q[drafts] > 0).all()), "a token with q = 0 was drafted"
+    # the drafts follow draft_probability (here: which of the small tokens comes second)
+    seen = torch.bincount(drafts[:, 0] * 4 + drafts[:, 1], minlength=16).double() / 4000
+    expected = torch.zeros(16, dtype=torch.float64)
+    expected[tuples[:, 0] * 4 + tuples[:, 1]] = law.double()
+    assert float((seen - expected).abs().max()) < 0.05

@@ -26,15 +26,18 @@ def sample_without_replacement(q, k, generator):
     # float64 whatever q's dtype: a float32 uniform is exactly 0 with probability 2^-24, and a
     # clock of 0 finishes first whatever its q (V = 32000 tokens: a 2e-3 bias)
     u = torch.rand(q.shape, generator=generator, device=q.device, dtype=torch.float64)  # [B, V]
-    finish = -torch.log1p(-u) / q  # [B, V], inf where q = 0
-    return torch.topk(finish, k, dim=-1, largest=False, sorted=True).indices
+    # compared as logs: E / q overflows to inf for a subnormal q (1e-310), tying with q = 0
+    q64 = q.to(torch.float64)
+    log_finish = torch.where(q64 > 0, (-torch.log1p(-u)).log() - q64.log(), torch.inf)  # [B, V]
+    return torch.topk(log_finish, k, dim=-1, largest=False, sorted=True).indices
 
 
 def draft_probability_without_replacement(q, drafts):
     """prod_i q(x_i) / (1 - q(x_1) - ... - q(x_{i-1})); 0 for a tuple with a repeat: [B]."""
     qx = q.gather(1, drafts)  # [B, k]
     remaining = draftable_mass(q, drafts)  # [B, k] mass before step i, without cancellation
-    steps = torch.where(remaining > 0, qx / remaining.clamp(min=torch.finfo(q.dtype).tiny), 0.0)
+    # q(x_i) <= the mass left, so the step is <= 1 even where that mass is subnormal
+    steps = torch.where(remaining > 0, qx / torch.where(remaining > 0, remaining, 1.0), 0.0)
     ordered = drafts.sort(dim=1).values
     repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)  # [B]
     return torch.where(repeated, torch.zeros_like(qx[:, 0]), steps.prod(dim=1))
