@@ -62,6 +62,10 @@ class Verifier:
     iid_drafts: ClassVar[bool] = True  # True: draft() is k i.i.d. samples from q
 
     exact_acceptance: ClassVar[bool] = False  # True: expected_acceptance() has a closed form
+    # True: the algorithm reads p and q as exact distributions, so rows that pass validation
+    # while off from 1 by up to SUM_TOLERANCE are divided by their sums before it sees them
+    # (without that the output law was off by as much); False: it works from the sums itself.
+    needs_exact_sums: ClassVar[bool] = False
 
     _default_validate_args: ClassVar[bool] = True
 
@@ -102,12 +106,16 @@ class Verifier:
             check_distribution("q", q)
             check_drafts(drafts, q, require_positive_q=False)
             self.check_num_drafts(drafts.shape[1], q)
-        return self._draft_probability(q, drafts)
+        # draft() draws from q as a law (every sampler divides by the row's mass), so the
+        # probability of a tuple is that of the normalized row
+        return self._draft_probability(as_distribution(q), drafts)
 
     def kernel(self, p: Tensor, q: Tensor, drafts: Tensor) -> Tensor:
         """Exact distribution [B, V] of the emitted token given p, q and the drafts."""
         if self.validate_args:
             self.check_inputs(p, q, drafts)
+        if self.needs_exact_sums:
+            p, q = as_distribution(p), as_distribution(q)
         return self._kernel(p, q, drafts)
 
     def verify(
@@ -116,6 +124,8 @@ class Verifier:
         """Sample the emitted token from ``kernel`` and report which draft (if any) it is."""
         if self.validate_args:
             self.check_inputs(p, q, drafts)
+        if self.needs_exact_sums:
+            p, q = as_distribution(p), as_distribution(q)
         return self._verify(p, q, drafts, generator)
 
     def expected_acceptance(self, p: Tensor, q: Tensor, k: int) -> Tensor:
@@ -130,6 +140,8 @@ class Verifier:
             if p.shape != q.shape:
                 raise ValueError(f"p and q must have the same shape [B, V], got {tuple(p.shape)} and {tuple(q.shape)}")
             self.check_num_drafts(k, q)
+        if self.needs_exact_sums:
+            p, q = as_distribution(p), as_distribution(q)
         return self._expected_acceptance(p, q, k)
 
     # ---- what subclasses implement ----------------------------------------------------
@@ -192,6 +204,12 @@ class Verifier:
                     f"{self.name} drafts must be distinct, but row {row} repeats a token: "
                     f"{drafts[row].tolist()}"
                 )
+
+
+def as_distribution(x: Tensor) -> Tensor:
+    """Each row of x [B, V] divided by its sum (rows that sum to 0 are left as they are)."""
+    total = x.sum(dim=-1, keepdim=True)
+    return x / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def check_distribution(name: str, x: Tensor) -> None:

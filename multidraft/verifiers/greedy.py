@@ -61,6 +61,7 @@ class GreedyHub(Verifier):
     min_drafts = 2
     distinct_drafts = True
     iid_drafts = False
+    needs_exact_sums = True
     exact_acceptance = True
 
     def _expected_acceptance(self, p, q, k):
