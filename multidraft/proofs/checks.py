@@ -17,11 +17,19 @@ from .cases import CASES, supported_ks
 from .enumeration import draft_law, output_distribution
 
 
+# Cells expecting fewer samples than this are pooled.  The chi-square tail is an approximation,
+# and at the extreme levels these checks run at (~1e-9) it fails first for small cells: a cell
+# expecting 5 samples crosses the 5e-9 threshold on df = 5 by itself with probability 8e-8, one
+# expecting 50 with 6e-10.
+MIN_EXPECTED = 50.0
+
+
 def chi_square(counts, expected_probs) -> tuple[float, int, float]:
     """(statistic, degrees of freedom, p-value) of ``counts`` against ``expected_probs``.
 
     Cells of zero probability must be empty (a sample there returns p-value 0: no chi-square can
-    weigh it); the smallest cells are pooled until the pooled cell expects at least 5 samples.
+    weigh it).  The other cells are pooled, smallest first, into groups that each expect at least
+    MIN_EXPECTED samples (a last group short of it joins the one before).
     """
     counts = np.asarray(counts, dtype=np.float64)
     probs = np.asarray(expected_probs, dtype=np.float64)
@@ -29,19 +37,33 @@ def chi_square(counts, expected_probs) -> tuple[float, int, float]:
     support = expected > 0
     if counts[~support].sum() > 0:
         return float("inf"), 0, 0.0
-    counts, expected = counts[support], expected[support]
-    order = np.argsort(expected)
-    counts, expected = counts[order], expected[order]
-    small = np.cumsum(expected) < 5
-    if small.any():
-        cut = int(small.sum()) + 1
-        counts = np.concatenate([[counts[:cut].sum()], counts[cut:]])
-        expected = np.concatenate([[expected[:cut].sum()], expected[cut:]])
+    counts, expected = pooled(counts[support], expected[support])
     if len(counts) < 2:
         return 0.0, 0, 1.0  # one cell: the support check above is all there is to test
     statistic = float(((counts - expected) ** 2 / expected).sum())
     df = len(counts) - 1
     return statistic, df, float(stats.chi2.sf(statistic, df))
+
+
+def pooled(counts: np.ndarray, expected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The cells in ascending order of expectation, merged into consecutive groups that each
+    expect at least MIN_EXPECTED samples."""
+    order = np.argsort(expected, kind="stable")
+    group_counts, group_expected, count, mass = [], [], 0.0, 0.0
+    for c, e in zip(counts[order], expected[order]):
+        count, mass = count + c, mass + e
+        if mass >= MIN_EXPECTED:
+            group_counts.append(count)
+            group_expected.append(mass)
+            count = mass = 0.0
+    if mass > 0:  # the rest, short of MIN_EXPECTED
+        if group_counts:
+            group_counts[-1] += count
+            group_expected[-1] += mass
+        else:
+            group_counts.append(count)
+            group_expected.append(mass)
+    return np.asarray(group_counts), np.asarray(group_expected)
 
 
 def sample_tokens(verifier: Verifier, p: torch.Tensor, q: torch.Tensor, k: int, samples: int, seed: int):
