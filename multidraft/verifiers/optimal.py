@@ -252,32 +252,38 @@ def smallest_log_ratio(above: Tensor, rest: Tensor, k: int) -> Tensor:
     return -SEG_FLOOR - pairs.clamp(min=math.exp(-SEG_FLOOR), max=1.0).log()
 
 
-def _deficits(room: Tensor, in_h: Tensor, in_t: Tensor) -> Tensor:
+def _deficits(room: Tensor, starts: Tensor, in_h: Tensor, in_t: Tensor) -> Tensor:
     """The join equations' deficits [B, V] from ``room`` = (what the group's levels can win,
-    down to where it would run out alone) - (the group's targets), per position.
+    down to where it would run out alone) - (the group's targets), at the positions that solve
+    a join (``starts``; the others take their run's level).
 
     With the exact optimal cut the room is > 0 in H and >= 0 in T* (docs, step B).  Where the
     cut was decided by rounding (values tied to the last bit) it can be < 0: the group's
     targets exceed what its levels can win, the group runs out, and a deficit clamped at 0
     there would leave every later position of the block in the same debt, each ending a group
     at once (a scale ratio of e^-40 per position, the floor after 15).  So the debt is written
-    off where it arises: each room is raised by the largest shortfall so far in its block (0
-    with the exact cut, where this changes nothing).
+    off where it arises: each room is raised by the largest shortfall so far at the block's
+    solving positions, as the fused kernel does (0 with the exact cut: nothing changes).
     """
-    shortfall = (-room).clamp(min=0)
+    shortfall = (-room).clamp(min=0) * starts
     written_off = shortfall.mul(in_h).cummax(dim=-1).values * in_h + shortfall.mul(in_t).cummax(dim=-1).values * in_t
     return (room + written_off).clamp(min=0)
 
 
-def _shared_joins(left: Tensor, sigma: Tensor, qs: Tensor, q_group: Tensor, pos: Tensor, cut: Tensor) -> Tensor:
-    """Join lengths [B, V] with a run of positions that share sigma (capped, floored, tied)
-    joining at the level of the run's first: F_i(l_i) = 0 there (docs, step D), so that is the
-    root, and the solver, near a double root where the group's ratio is k l^(k-1), would only
-    find it to a few digits (each miss a scale ratio of e^-40).  The group's length left at that
-    level grows by the q-mass the run adds; a run is cut by the block's start and by a position
-    after one with q = 0 (where the fused kernel also solves)."""
+def _run_starts(sigma: Tensor, qs: Tensor, pos: Tensor, cut: Tensor) -> Tensor:
+    """[B, V] True where a run of positions that share sigma (capped, floored, tied) begins: a
+    change of sigma, the block's start, or after a position with q = 0 (where the fused kernel
+    also solves).  The rest of a run joins at its first position's level (``_shared_joins``)."""
     after_empty = _shift_right((qs == 0).to(qs.dtype)) > 0
-    starts = (sigma != _shift_right(sigma)) | (pos == 0) | (pos == cut) | after_empty  # [B, V]
+    return (sigma != _shift_right(sigma)) | (pos == 0) | (pos == cut) | after_empty
+
+
+def _shared_joins(left: Tensor, starts: Tensor, q_group: Tensor, pos: Tensor) -> Tensor:
+    """Join lengths [B, V] with each run of positions that share sigma joining at the level of
+    its first: F_i(l_i) = 0 there (docs, step D), so that is the root, and the solver, near a
+    double root where the group's ratio is k l^(k-1), would only find it to a few digits (each
+    miss a scale ratio of e^-40).  The group's length left at that level grows by the q-mass
+    the run adds."""
     start = torch.where(starts, pos, 0).cummax(dim=-1).values  # [B, V] the run's first position
     return torch.where(starts, left, left.gather(1, start) + q_group - q_group.gather(1, start))
 
@@ -360,10 +366,11 @@ def _tensor_plan(p: Tensor, q: Tensor, ratio: Tensor, order: Tensor, k: int) -> 
     sigma = torch.where(qs > 0, rs, 0.0)
     sigma = torch.where((capped > 0) & (cap * qs < ps), cap.expand_as(sigma), sigma)
     sigma = torch.where((in_t > 0) & (floor * qs > ps), floor.expand_as(sigma), sigma)
+    starts = _run_starts(sigma, qs, pos, cut)  # [B, V] where a join must be solved
     base = top - q_group  # level where the group would run out alone
-    deficit = _deficits(q_group * _power_sum(top, base, k) - before(target), in_h, in_t)
+    deficit = _deficits(q_group * _power_sum(top, base, k) - before(target), starts, in_h, in_t)
     left = _join_lengths(base, sigma, deficit, q_group, k)  # [B, V]; 0 at a block's top
-    left = _shared_joins(left, sigma, qs, q_group, pos, cut)
+    left = _shared_joins(left, starts, q_group, pos)
     left_before = _shift_right(left + qs)  # the group's length left at the previous join
     q_rest = _suffix_sum(qs * in_h) * in_h + q_below * in_t  # [B, V] mass of i's block from i on
     least = smallest_log_ratio(q_group, q_rest, k)

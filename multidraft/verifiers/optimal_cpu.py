@@ -83,15 +83,6 @@ def power_sum(a, b, k):
 
 
 @numba.njit(**_JIT)
-def smallest_ratio(above, rest, k):
-    """The floor on a scale ratio between a block's positions before i (q-mass ``above``) and
-    from i on (``rest``): e^-SEG_FLOOR, raised to 1 as k (k - 1) above rest falls below it
-    (optimal.smallest_log_ratio)."""
-    pairs = k * (k - 1) * above * rest
-    return _SEG_RATIO / min(max(pairs, _SEG_RATIO), 1.0)
-
-
-@numba.njit(**_JIT)
 def _quadratic_bound(base, sigma, deficit, group, k):
     """min(group, the positive root of a2 L^2 + a1 L = deficit), a1 = k base^(k-1) - sigma,
     a2 = C(k, 2) base^(k-2), cancellation-free for either sign of a1 (a nan root, 0 / 0,
@@ -378,15 +369,15 @@ def plan_positions(p, q, p_total, q_total, k, work):
             target, sigma = floor * qs[i], floor
         if not qs[i] > 0:
             sigma = 0.0
-        top = top_h if i < cut else a
-        base = top - q_group[i]
-        deficit = q_group[i] * power_sum(top, base, k) - s_acc
-        if deficit < 0:  # the group's targets exceed all its levels can win: see optimal._deficits
-            s_acc += deficit
-            deficit = 0.0
         if sigma == sigma_prev and left_prev > 0 and i != cut:  # F_i(l_i) = 0: the root is l_i
             left = left_prev
         else:
+            top = top_h if i < cut else a
+            base = top - q_group[i]
+            deficit = q_group[i] * power_sum(top, base, k) - s_acc
+            if deficit < 0:  # the group's targets exceed what its levels can win (optimal._deficits)
+                s_acc += deficit
+                deficit = 0.0
             left = join_length(base, sigma, deficit, q_group[i], left_prev, k)
         sigma_prev = sigma
         s_acc += target
@@ -395,9 +386,13 @@ def plan_positions(p, q, p_total, q_total, k, work):
             ratio, drop = _SEG_RATIO, 1 - _SEG_RATIO
         elif left_prev > 0 and not math.isnan(left):
             kept = min(left, left_prev)
-            least = smallest_ratio(q_group[i], q_rest[i], k)
-            ratio = max(kept / left_prev, least)
-            drop = min((left_prev - kept) / left_prev, 1 - least)
+            ratio = kept / left_prev
+            drop = (left_prev - kept) / left_prev
+            # the floor of optimal.smallest_log_ratio, without a division unless it binds
+            pairs = min(max(k * (k - 1) * q_group[i] * q_rest[i], _SEG_RATIO), 1.0)
+            if ratio * pairs < _SEG_RATIO:
+                ratio = _SEG_RATIO / pairs
+                drop = 1 - ratio
         running *= ratio
         phi[i], gap[i] = running, drop
         left_prev = left + qs[i]
