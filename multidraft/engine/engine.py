@@ -72,6 +72,7 @@ class _GreedyMatch(Verifier):
     different tokens from a one-hot q, run greedy)."""
 
     name = "greedy-match"
+    needs_exact_sums = False  # an argmax
 
     def _verify(self, p, q, drafts, generator):
         token = p.argmax(dim=-1)  # [B]

@@ -64,8 +64,9 @@ class Verifier:
     exact_acceptance: ClassVar[bool] = False  # True: expected_acceptance() has a closed form
     # True: the algorithm reads p and q as exact distributions, so rows that pass validation
     # while off from 1 by up to SUM_TOLERANCE are divided by their sums before it sees them
-    # (without that the output law was off by as much); False: it works from the sums itself.
-    needs_exact_sums: ClassVar[bool] = False
+    # (without that the output law was off by as much); False: it works from the sums itself
+    # and spares the pass.  True by default, the safe side for a verifier that does not say.
+    needs_exact_sums: ClassVar[bool] = True
 
     _default_validate_args: ClassVar[bool] = True
 
@@ -207,7 +208,8 @@ class Verifier:
 
 
 def as_distribution(x: Tensor) -> Tensor:
-    """Each row of x [B, V] divided by its sum (rows that sum to 0 are left as they are)."""
+    """Each row of x [B, V] divided by its sum, in x's dtype (``needs_exact_sums``; ``as_law``
+    also moves to float64).  Rows that sum to 0 are left as they are."""
     total = x.sum(dim=-1, keepdim=True)
     return x / torch.where(total > 0, total, torch.ones_like(total))
 

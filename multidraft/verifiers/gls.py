@@ -163,6 +163,7 @@ class GumbelListSampling(Verifier):
 
     iid_drafts = True
     exact_acceptance = True
+    needs_exact_sums = False  # renormalizes p and q itself (as_law)
 
     def __init__(self, validate_args: bool | None = None, max_kernel_entries: int = DEFAULT_MAX_KERNEL_ENTRIES):
         super().__init__(validate_args)

@@ -61,7 +61,6 @@ class GreedyHub(Verifier):
     min_drafts = 2
     distinct_drafts = True
     iid_drafts = False
-    needs_exact_sums = True
     exact_acceptance = True
 
     def _expected_acceptance(self, p, q, k):

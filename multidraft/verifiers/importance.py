@@ -263,7 +263,6 @@ class ImportanceSampling(Verifier):
     # row (256 at the defaults, about 20 ms a row): k = 8 costs ~60 ms a row.  Past 4 drafts use
     # `optimal`, which is exact, optimal and cheaper.
     max_drafts = 4
-    needs_exact_sums = True
     iid_drafts = True
     # No closed form: sum_y min(p, p_I), the chance that the *selected* draft is kept, leaves out
     # a fallback draw that lands on another draft of the tuple (3e-5 .. 1e-4 at k = 3, 4), and

@@ -68,7 +68,6 @@ class KSequential(Verifier):
 
     iid_drafts = True
     exact_acceptance = True
-    needs_exact_sums = True
 
     def _expected_acceptance(self, p, q, k):
         beta = accept_mass(p, q, solve_rho(p, q, k))

@@ -455,6 +455,7 @@ class Optimal(Verifier):
 
     iid_drafts = True
     exact_acceptance = True
+    needs_exact_sums = False  # renormalizes p and q itself, in float64 (as_law)
 
     def __init__(self, validate_args: bool | None = None, fused: bool | None = None):
         super().__init__(validate_args)

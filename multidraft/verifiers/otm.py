@@ -300,7 +300,6 @@ class OptimalTransport(Verifier):
 
     iid_drafts = True
     exact_acceptance = True
-    needs_exact_sums = True
     # The LP's draft sets: multisets of i.i.d. drafts here, k-subsets in optimal_wor.py.
     distinct_sets = False
 

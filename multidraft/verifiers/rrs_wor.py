@@ -49,6 +49,7 @@ class RecursiveRejectionWithoutReplacement(Verifier):
 
     distinct_drafts = True
     iid_drafts = False
+    needs_exact_sums = False  # as rrs: the rows' own sums
 
     def _draft(self, q, k, generator):
         return sample_without_replacement(q, k, generator)

@@ -176,7 +176,6 @@ class SpecHub(Verifier):
 
     min_drafts = 2
     max_drafts = 2  # the paper and the authors' code define two drafts only
-    needs_exact_sums = True
     distinct_drafts = False  # a one-hot q gives (a, a)
     iid_drafts = False
     exact_acceptance = True
