@@ -203,6 +203,45 @@ def test_peaked_rows_with_tails_far_below_rounding_reach_the_bound(k, noise, sca
     torch.testing.assert_close(accept, md.proofs.optimal_acceptance(p, q, k), rtol=0, atol=OPTIMAL_TOL)
 
 
+def _law_of_the_first_draft(q: torch.Tensor, k: int) -> torch.Tensor:
+    """p = the law of the smallest token id among k draws from q: every suffix T then has
+    p(T) = q(T)^k, so every suffix is an optimal cut (a tight set) and the bound is 1."""
+    from_i = q.flip(-1).cumsum(-1).flip(-1)  # q-mass of the tokens >= i
+    after_i = torch.cat([from_i[..., 1:], torch.zeros_like(from_i[..., :1])], dim=-1)
+    return from_i**k - after_i**k
+
+
+@pytest.mark.parametrize("fused", PLANS)
+@pytest.mark.parametrize("vocab,k,noise", [(50, 4, 0.0), (1000, 8, 0.0), (5000, 4, 1e-3), (200, 2, 1e-4)])
+def test_rows_with_a_tight_set_at_every_position_reach_the_bound(vocab, k, noise, fused):
+    """Every position ends a group (or nearly), each dropping the scales by e^30 or so: they
+    fall far below float64's range.  With scales floored at e^-600 (before the scales were kept
+    as tiered mantissas and log scales) the race could not rank the lowest tokens any more: up
+    to 0.54 below the bound at V = 1000, k = 8, and 4e-3 .. 2e-2 on the perturbed rows."""
+    g = torch.Generator().manual_seed(vocab + k)
+    q = torch.rand(1, vocab, generator=g, dtype=torch.float64)
+    q /= q.sum()
+    p = _law_of_the_first_draft(q, k) * (1 + noise * torch.rand(1, vocab, generator=g, dtype=torch.float64))
+    p /= p.sum()
+    plan = optimal_plan(p, q, k, fused)
+    assert float(plan.log_scale.min()) < -600  # the case this is about
+    torch.testing.assert_close(plan.marginal.sum(dim=-1), torch.ones(1, dtype=torch.float64), rtol=0, atol=1e-10)
+    accept = torch.minimum(plan.marginal, p).sum(dim=-1)
+    torch.testing.assert_close(accept, md.proofs.optimal_acceptance(p, q, k), rtol=0, atol=OPTIMAL_TOL)
+
+
+@pytest.mark.parametrize("fused", PLANS)
+@pytest.mark.parametrize("k", [2, 3])
+def test_deep_scales_keep_the_output_law_exact(k, fused):
+    """By enumeration, on a row whose scales go far below float64's range."""
+    q = torch.arange(1, 7, dtype=torch.float64).flip(0) ** 3
+    q /= q.sum()
+    p = _law_of_the_first_draft(q, k)
+    verifier = md.get_verifier("optimal", fused=fused)
+    torch.testing.assert_close(md.proofs.output_distribution(verifier, p, q, k), p, rtol=0, atol=EXACT_TOL)
+    assert abs(md.proofs.acceptance_rate(verifier, p, q, k) - float(md.proofs.optimal_acceptance(p, q, k))) < OPTIMAL_TOL
+
+
 @pytest.mark.parametrize("fused", PLANS)
 def test_batch_rows_are_independent(fused):
     p, q = llm_like(5, 300, seed=1, noise=1.0, scale=2.0)
@@ -211,7 +250,7 @@ def test_batch_rows_are_independent(fused):
     for b in range(5):
         one = optimal_plan(p[b : b + 1], q[b : b + 1], 3, fused)
         torch.testing.assert_close(plan.marginal[b : b + 1], one.marginal, rtol=0, atol=1e-15)
-        torch.testing.assert_close(plan.scale[b : b + 1], one.scale, rtol=1e-12, atol=0)
+        torch.testing.assert_close(plan.log_scale[b : b + 1], one.log_scale, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("k", [2, 3, 5, 8])
@@ -271,7 +310,7 @@ def test_fused_rows_split_over_threads_give_the_same_plan():
     p, q = llm_like(5, 2000, seed=5, noise=1.0, scale=3.0)
     one = on_threads(1, lambda: optimal_plan(p, q, 3, fused=True))
     split = on_threads(3, lambda: optimal_plan(p, q, 3, fused=True))  # 5 rows in chunks of 1-2, on three threads
-    assert torch.equal(one.scale, split.scale) and torch.equal(one.marginal, split.marginal)
+    assert torch.equal(one.log_scale, split.log_scale) and torch.equal(one.marginal, split.marginal)
 
 
 def _ratio_rows():

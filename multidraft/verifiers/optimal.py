@@ -44,13 +44,12 @@ NEWTON_STEPS = 4
 # such as H above T*): the tokens below then beat it with probability <= exp(-SEG_FLOOR) ~ 4e-18
 # (smallest_log_ratio raises it where the masses on either side make that unlikely anyway).
 SEG_FLOOR = 40.0
-MIN_LOG_SCALE = -600.0  # floor on log scales, keeping exp(+-log scale) finite in float64
 
 
 class Plan(NamedTuple):
     """What the bid race needs per token, in float64."""
 
-    scale: Tensor  # [B, V] phi in [e^MIN_LOG_SCALE, 1]; non-increasing in p/q order
+    log_scale: Tensor  # [B, V] log phi <= 0, non-increasing in p/q order (any depth: logs)
     marginal: Tensor  # [B, V] s: the law of the winner (0 where q = 0)
 
 
@@ -108,16 +107,18 @@ def race_marginal(qs: Tensor, log_scale: Tensor, k: int) -> Tensor:
     ``d_m = (G(phi_m)^k - G(phi_{m+1})^k) / (phi_m beta_m)
           = (1 - phi_{m+1} / phi_m) * sum_j G(phi_m)^j G(phi_{m+1})^(k-1-j)``
     (G drops by ``(phi_m - phi_{m+1}) beta_m`` on the piece): all terms are >= 0, no cancellation.
+    Only ratios of scales enter (``phi_i beta_i = sum_{l <= i} q_l phi_i / phi_l`` and the sum
+    over m, both as log-cumulative sums), so scales of any depth are fine: rows whose every
+    suffix is a tight set take them far below float64's range.
     """
-    phi = log_scale.exp()  # [B, V]
-    inv_phi = 1 / phi
-    slope = phi * (qs * inv_phi).cumsum(dim=-1)  # phi_i beta_i
+    slope = (log_scale + torch.logcumsumexp(qs.log() - log_scale, dim=-1)).exp()  # phi_i beta_i
     lower = torch.cat([_suffix_sum(qs)[:, 1:], torch.zeros_like(qs[:, :1])], dim=-1)  # mass after i
     step = torch.cat([log_scale[:, 1:] - log_scale[:, :-1], torch.full_like(qs[:, :1], float("-inf"))], dim=-1)
     g_at = lower + slope  # [B, V] G(phi_i)
     g_next = lower + slope * step.exp()  # [B, V] G(phi_{i+1}); G(0) = 0 after the last
     piece = torch.expm1(step).neg_() * _power_sum(g_at, g_next, k)  # d_i
-    return qs * inv_phi * _suffix_sum(phi * piece)
+    weighted = (log_scale + piece.log()).flip(-1).logcumsumexp(dim=-1).flip(-1)  # log sum_{m >= i} phi_m d_m
+    return qs * (weighted - log_scale).exp()
 
 
 def _join_lengths(base: Tensor, sigma: Tensor, deficit: Tensor, group: Tensor, k: int) -> Tensor:
@@ -173,7 +174,7 @@ def optimal_plan(p: Tensor, q: Tensor, k: int, fused: bool | None = None) -> Pla
 def _plan_of_laws(p: Tensor, q: Tensor, k: int, fused: bool | None) -> Plan:
     """``optimal_plan`` for rows already renormalized in float64 (``as_law``)."""
     if k == 1:  # the only draft always wins: s = q
-        return Plan(torch.ones_like(q), q.clone())
+        return Plan(torch.zeros_like(q), q.clone())
     if _runs_fused(fused, p.device):
         return _fused_plan(p, q, k)
     ratio = (p / q).nan_to_num(nan=float("inf"))  # [B, V]; q = 0 gives inf
@@ -200,13 +201,13 @@ def _fused_plan(p: Tensor, q: Tensor, k: int) -> Plan:
 
     cpu_kernels.check_kernel_inputs(p, q)
     p_np, q_np = p.detach().contiguous().numpy(), q.detach().contiguous().numpy()
-    scale, marginal = numpy.empty_like(p_np), numpy.empty_like(p_np)
+    log_scale, marginal = numpy.empty_like(p_np), numpy.empty_like(p_np)
 
     def plan(rows: slice, work: numpy.ndarray) -> None:
-        plan_rows(p_np[rows], q_np[rows], k, scale[rows], marginal[rows], work)
+        plan_rows(p_np[rows], q_np[rows], k, log_scale[rows], marginal[rows], work)
 
     _over_row_chunks(plan, p_np.shape[0], p_np.shape[1])
-    return Plan(torch.from_numpy(scale), torch.from_numpy(marginal))
+    return Plan(torch.from_numpy(log_scale), torch.from_numpy(marginal))
 
 
 class _Workspaces(threading.local):
@@ -243,10 +244,10 @@ def smallest_log_ratio(above: Tensor, rest: Tensor, k: int) -> Tensor:
     A ratio larger than the ideal race's lets a draft from below outbid one from above only
     if the latter's uniform is below the ratio: probability <= k (k - 1) above rest ratio, so
     this floor costs at most e^-SEG_FLOOR of acceptance per position where it is used (docs,
-    Theorem 2).  It keeps tokens of negligible mass from spending the scales' range: rows with
+    Theorem 2).  It keeps tokens of negligible mass from deepening the scales: rows with
     dozens of tokens at q ~ 1e-20 next to real ones, whose structure rounding decides, would
-    otherwise cost e^-40 each and reach the floor e^MIN_LOG_SCALE after 15, below which the
-    race can no longer tell the real tokens apart.
+    otherwise add e^-40 each, and the log-cumulative sums of the race marginal lose relative
+    precision in proportion to the depth.
     """
     pairs = (k * (k - 1)) * above * rest
     return -SEG_FLOOR - pairs.clamp(min=math.exp(-SEG_FLOOR), max=1.0).log()
@@ -380,10 +381,11 @@ def _tensor_plan(p: Tensor, q: Tensor, ratio: Tensor, order: Tensor, k: int) -> 
     # except with probability <= exp(-SEG_FLOOR)
     h_low = log_scale.gather(1, (cut - 1).clamp(min=0))
     t_top = log_scale.gather(1, cut.clamp(max=vocab - 1))
-    log_scale = (log_scale + in_t * (h_low - SEG_FLOOR - t_top)).clamp(min=MIN_LOG_SCALE)
+    shift = torch.where(cut > 0, h_low - SEG_FLOOR - t_top, 0.0)  # no H (cut = 0): no drop above T*
+    log_scale = log_scale + in_t * shift
 
     marginal = race_marginal(qs, log_scale, k)
-    return Plan(torch.empty_like(log_scale).scatter_(1, order, log_scale.exp()),
+    return Plan(torch.empty_like(log_scale).scatter_(1, order, log_scale),
                 torch.empty_like(marginal).scatter_(1, order, marginal))
 
 
@@ -482,7 +484,7 @@ class Optimal(Verifier):
     def _kernel(self, p, q, drafts):
         p64 = as_law(p)
         plan = _plan_of_laws(p64, as_law(q), drafts.shape[1], self.fused)
-        win = race_win_probabilities(plan.scale.gather(1, drafts).log())  # [B, k]
+        win = race_win_probabilities(plan.log_scale.gather(1, drafts))  # [B, k]
         keep = _keep_probability(p64, plan.marginal, drafts)  # [B, k]
         kern = torch.zeros_like(p64).scatter_add_(1, drafts, win * keep)
         rejected = (win * (1 - keep)).sum(dim=-1, keepdim=True)  # [B, 1]
@@ -495,7 +497,7 @@ class Optimal(Verifier):
         k = drafts.shape[1]
         plan = _plan_of_laws(p64, as_law(q), k, self.fused)
         u = _verdict_uniforms(drafts, generator)  # [B, k + 2], as the fused path draws them
-        bids = u[:, :k] * plan.scale.gather(1, drafts)  # [B, k]: U_i * phi(x_i)
+        bids = u[:, :k].log() + plan.log_scale.gather(1, drafts)  # [B, k]: log(U_i phi(x_i))
         winner = drafts.gather(1, bids.argmax(dim=1, keepdim=True))  # [B, 1]
         keep = _keep_probability(p64, plan.marginal, winner)  # [B, 1]
         fallback = sample_from_weights_with(_residual(p64, plan.marginal), u[:, k + 1 :])  # [B]

@@ -8,8 +8,9 @@ arithmetic.  What differs besides the loop form:
 
 - the ratio order comes from a radix sort on a 22-bit key fitted to the row's range of p/q
   (``descending_ratio_order``), put in exact order by an insertion pass afterwards;
-- the scales are kept as products ``phi`` in [e^MIN_LOG_SCALE, 1], not as a running sum of
-  logs, so the race marginal needs no exp/expm1 per token: a join's ratio
+- the scales are kept as products, a mantissa times 2^(-TIER_BITS * tier) (so that no depth
+  of scales runs out of range), not as a running sum of logs, and the race marginal is
+  computed from consecutive ratios alone, with no exp/expm1 per token: a join's ratio
   ``phi_{i+1} / phi_i`` and its complement ``1 - phi_{i+1} / phi_i`` come straight from the
   join lengths;
 - a run of positions that share sigma (capped, floored, or tied) joins at the group's level
@@ -35,11 +36,14 @@ import math
 import numba
 import numpy
 
-from .optimal import MIN_LOG_SCALE, SEG_FLOOR
+from .optimal import SEG_FLOOR
 
 _JIT = {"fastmath": {"contract"}, "cache": True, "nogil": True, "error_model": "numpy", "boundscheck": False}
 _SEG_RATIO = math.exp(-SEG_FLOOR)  # smallest ratio of consecutive scales inside a block
-_MIN_SCALE = math.exp(MIN_LOG_SCALE)  # floor on scales
+TIER_BITS = 512  # a scale is its mantissa times 2^(-TIER_BITS * tier)
+_TIER = 2.0**-TIER_BITS
+_TIER_UP = 2.0**TIER_BITS
+_TIER_LOG = TIER_BITS * math.log(2.0)
 # The join equation's root solver (join_length) stops when its error bound is below
 # NEWTON_TOLERANCE * L (in the k-th-root form: when a step is).
 NEWTON_TOLERANCE = 1e-12
@@ -274,7 +278,8 @@ def plan_positions(p, q, p_total, q_total, k, work):
     ``work``: scratch of at least [WORK_ROWS, V + 1] (``workspace``).
 
     Returns views into ``work``: ``order`` (the token at each position), ``ps`` (p there),
-    ``scale`` (phi there) and ``marginal`` (s there).  Staying in position order spares
+    ``phi`` and ``tiers`` (the scale there is phi * 2^(-TIER_BITS * tier)) and ``marginal``
+    (s there).  Staying in position order spares
     ``verify_row`` two scatters of V values to token order, which only the kernel needs.
     """
     vocab = p.shape[0]
@@ -352,8 +357,14 @@ def plan_positions(p, q, p_total, q_total, k, work):
     # 3. Processor sharing down each block.  Position i joins its block's group of earlier
     # positions with length ``left`` left; the scale falls by left / (the group's length at
     # the previous join), kept with its complement ``gap`` for the marginal.
-    phi = work[8, :vocab]  # the scales as multiplied, before the floor
+    # The scales as mantissa * 2^(-TIER_BITS * tier): the ratios alone can take them below any
+    # float's range (rows whose every suffix is a tight set drop e^30 per position), and
+    # multiplying by a power of two is exact.
+    phi = work[8, :vocab]  # the mantissa, in [2^-TIER_BITS, 1]
     gap = work[9, :vocab]  # 1 - phi_i / phi_{i-1}
+    tiers = work[10, :vocab].view(numpy.int64)
+    step = work[7, :vocab]  # phi_i / phi_{i-1} (p_group is not needed past step 2)
+    tier = 0
     s_acc = left_prev = 0.0
     sigma_prev = -1.0
     running = 1.0
@@ -394,38 +405,31 @@ def plan_positions(p, q, p_total, q_total, k, work):
                 ratio = _SEG_RATIO / pairs
                 drop = 1 - ratio
         running *= ratio
-        phi[i], gap[i] = running, drop
+        if running < _TIER:
+            running *= _TIER_UP
+            tier += 1
+        phi[i], tiers[i], step[i], gap[i] = running, tier, ratio, drop
         left_prev = left + qs[i]
 
-    # 4. The winner's law from the scales used (optimal.race_marginal, Lemma 1):
-    # s_i = q_i / phi_i * sum_{m >= i} phi_m d_m.
-    scale = work[10, :vocab]
-    beta = 0.0  # sum_{l <= m} q_l / phi_l
+    # 4. The winner's law from the scales used (optimal.race_marginal, Lemma 1), from the ratios
+    # of consecutive scales alone: s_m = q_m X_m with X_m = d_m + (phi_{m+1} / phi_m) X_{m+1}, and
+    # phi_m beta_m = (phi_m / phi_{m-1}) phi_{m-1} beta_{m-1} + q_m.
     piece = work[11, :vocab]
-    scale_next = max(phi[0], _MIN_SCALE)
+    slope = 0.0  # phi_m beta_m
     for m in range(vocab):
-        scale_m = scale_next
-        scale[m] = scale_m
-        q_over_phi = qs[m] / scale_m
-        beta += q_over_phi
-        slope = scale_m * beta  # phi_m beta_m
+        slope = slope * step[m] + qs[m]
         if m + 1 < vocab:
-            scale_next = max(phi[m + 1], _MIN_SCALE)
-            next_ratio = scale_next / scale_m  # a division: equal scales give exactly 1
-            # the join's own complement, unless the floor changed either scale
-            floored = scale_next != phi[m + 1] or scale_m != phi[m]
-            drop = 1 - next_ratio if floored else gap[m + 1]
+            next_ratio, drop = step[m + 1], gap[m + 1]  # the join's ratio and its own complement
         else:
             next_ratio, drop = 0.0, 1.0
         lower = q_below[m + 1]
         piece[m] = drop * power_sum(lower + slope, lower + slope * next_ratio, k)
-        qs[m] = q_over_phi  # qs is not needed past here
     marginal = piece  # each piece is read once, just before its slot is overwritten
     acc = 0.0
     for m in range(vocab - 1, -1, -1):
-        acc += scale[m] * piece[m]
+        acc = piece[m] + (step[m + 1] * acc if m + 1 < vocab else 0.0)
         marginal[m] = qs[m] * acc
-    return order, ps, scale, marginal
+    return order, ps, phi, tiers, marginal
 
 
 @numba.njit(**_JIT)
@@ -451,19 +455,19 @@ def plan_positions_compiled(p, q, p_total, q_total, k, work):
 
 
 @numba.njit(**_JIT)
-def plan_one_row(p, q, k, scale_out, marginal_out, work):
-    """One row's plan in token order: the scales phi and the winner law s."""
-    order, _, scale, marginal = plan_positions_compiled(p, q, 1.0, 1.0, k, work)
+def plan_one_row(p, q, k, log_scale_out, marginal_out, work):
+    """One row's plan in token order: the log scales log(phi) and the winner law s."""
+    order, _, phi, tiers, marginal = plan_positions_compiled(p, q, 1.0, 1.0, k, work)
     for m in range(p.shape[0]):
         t = order[m]
-        scale_out[t], marginal_out[t] = scale[m], marginal[m]
+        log_scale_out[t], marginal_out[t] = math.log(phi[m]) - tiers[m] * _TIER_LOG, marginal[m]
 
 
 @numba.njit(**_JIT)
-def plan_rows(p, q, k, scale_out, marginal_out, work):
+def plan_rows(p, q, k, log_scale_out, marginal_out, work):
     """The plan of every row of p, q [B, V] (float64), with the scratch ``work``."""
     for b in range(p.shape[0]):
-        plan_one_row(p[b], q[b], k, scale_out[b], marginal_out[b], work)
+        plan_one_row(p[b], q[b], k, log_scale_out[b], marginal_out[b], work)
 
 
 def workspace(vocab: int) -> numpy.ndarray:
@@ -542,13 +546,13 @@ def verify_row(p, q, drafts, u, k, out, work):
     for t in range(vocab):
         p_total += p[t]
         q_total += q[t]
-    order, ps, scale, marginal = plan_positions_compiled(p, q, p_total, q_total, k, work)
+    order, ps, phi, tiers, marginal = plan_positions_compiled(p, q, p_total, q_total, k, work)
     ratio, rs = work[0, :vocab], work[4, :vocab]
-    winner, at, best = drafts[0], 0, -1.0
-    for i in range(k):  # the highest bid U_i phi(x_i) wins
+    winner, at, best = drafts[0], 0, -math.inf
+    for i in range(k):  # the highest bid U_i phi(x_i) wins, compared as logs (tiered scales)
         pos = position_of(drafts[i], ratio, rs, order)
-        bid = u[i] * scale[pos]
-        if bid > best:
+        bid = (math.log(u[i]) if u[i] > 0 else -math.inf) + math.log(phi[pos]) - tiers[pos] * _TIER_LOG
+        if bid > best or i == 0:
             winner, at, best = drafts[i], pos, bid
     keep = 1.0
     if marginal[at] > ps[at]:
