@@ -361,9 +361,9 @@ def plan_positions(p, q, p_total, q_total, k, work):
     # float's range (rows whose every suffix is a tight set drop e^30 per position), and
     # multiplying by a power of two is exact.
     phi = work[8, :vocab]  # the mantissa, in [2^-TIER_BITS, 1]
-    gap = work[9, :vocab]  # 1 - phi_i / phi_{i-1}
+    gap = work[9, : vocab + 1]  # 1 - phi_i / phi_{i-1}
     tiers = work[10, :vocab].view(numpy.int64)
-    step = work[7, :vocab]  # phi_i / phi_{i-1} (p_group is not needed past step 2)
+    step = work[7, : vocab + 1]  # phi_i / phi_{i-1} (p_group is not needed past step 2)
     tier = 0
     s_acc = left_prev = 0.0
     sigma_prev = -1.0
@@ -416,18 +416,17 @@ def plan_positions(p, q, p_total, q_total, k, work):
     # phi_m beta_m = (phi_m / phi_{m-1}) phi_{m-1} beta_{m-1} + q_m.
     piece = work[11, :vocab]
     slope = 0.0  # phi_m beta_m
+    step[vocab] = 0.0  # after the last position: G(0) = 0, and all of it is dropped
+    gap[vocab] = 1.0
     for m in range(vocab):
         slope = slope * step[m] + qs[m]
-        if m + 1 < vocab:
-            next_ratio, drop = step[m + 1], gap[m + 1]  # the join's ratio and its own complement
-        else:
-            next_ratio, drop = 0.0, 1.0
-        lower = q_below[m + 1]
-        piece[m] = drop * power_sum(lower + slope, lower + slope * next_ratio, k)
+        lower = q_below[m + 1]  # the join's ratio to the next position and its own complement:
+        piece[m] = gap[m + 1] * power_sum(lower + slope, lower + slope * step[m + 1], k)
     marginal = piece  # each piece is read once, just before its slot is overwritten
-    acc = 0.0
-    for m in range(vocab - 1, -1, -1):
-        acc = piece[m] + (step[m + 1] * acc if m + 1 < vocab else 0.0)
+    acc = piece[vocab - 1]
+    marginal[vocab - 1] = qs[vocab - 1] * acc
+    for m in range(vocab - 2, -1, -1):
+        acc = piece[m] + step[m + 1] * acc
         marginal[m] = qs[m] * acc
     return order, ps, phi, tiers, marginal
 
