@@ -76,6 +76,13 @@ class KVCache:
         may not see (other requests' lengths, stale rounds, padding) are hidden by the mask.
         """
         b, h, t, d = k_new.shape
+        if (b, h, d) != (self.k.shape[1], self.k.shape[2], self.k.shape[4]):
+            # a model whose K/V layout the cache was not sized for (heads, head size): scattering
+            # would fill part of the cache and leave the rest zeros, silently
+            raise ValueError(
+                f"layer {layer} wrote K/V of shape {tuple(k_new.shape)} [B, heads, T, head_dim], but the cache holds "
+                f"batch {self.k.shape[1]}, {self.k.shape[2]} heads of size {self.k.shape[4]}"
+            )
         index = self.slots(t).view(b, 1, t, 1).expand(b, h, t, d)  # [B, H, T, D]
         self.k[layer].scatter_(2, index, k_new.to(self.k.dtype))
         self.v[layer].scatter_(2, index, v_new.to(self.v.dtype))

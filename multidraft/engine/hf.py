@@ -109,6 +109,20 @@ def check_architecture(model: nn.Module) -> None:
         raise ValueError(f"{arch} cannot run in the engine: layer types {odd} keep recurrent state, not a per-token KV cache")
 
 
+def kv_heads(config) -> int:
+    """Key/value heads per layer, as the layers hand them to the cache.  Most configs say
+    ``num_key_value_heads``.  Falcon says ``multi_query`` (the falcon-7b layout: one K/V head,
+    whatever ``num_kv_heads`` says) unless ``new_decoder_architecture``, whose layers hand over
+    their K/V repeated to every attention head; GPT-BigCode says ``multi_query``.  A model that
+    writes another layout gets KVCache.write's error rather than a partly filled cache."""
+    n_heads = int(config.num_attention_heads)
+    if getattr(config, "model_type", None) == "falcon" and getattr(config, "new_decoder_architecture", False):
+        return n_heads
+    if getattr(config, "multi_query", False):
+        return 1
+    return int(getattr(config, "num_key_value_heads", None) or n_heads)
+
+
 class HFModel(nn.Module):
     """Wrap a ``transformers`` causal LM (``…ForCausalLM``) for the engine.  See the module docstring.
 
@@ -126,7 +140,7 @@ class HFModel(nn.Module):
         self.vocab_size = int(config.vocab_size)
         self.n_layers = int(config.num_hidden_layers)
         n_heads = int(config.num_attention_heads)
-        self.n_kv_heads = int(getattr(config, "num_key_value_heads", None) or n_heads)
+        self.n_kv_heads = kv_heads(config)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
         window = getattr(config, "sliding_window", None)
         layer_types = getattr(config, "layer_types", None)

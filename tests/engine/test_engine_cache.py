@@ -73,3 +73,13 @@ def test_table_model_full_forward_is_the_table():
     probs = full_logits(model, ids).exp()[0]
     for t in range(4):
         torch.testing.assert_close(probs[t], model.next_probs(ids[0, : t + 1].tolist()))
+
+
+def test_a_write_of_another_kv_layout_is_refused():
+    """K/V with fewer heads (or another head size) than the cache holds would fill part of it
+    and leave zeros that attention reads silently."""
+    cache = KVCache(n_layers=1, batch_size=2, n_heads=4, max_len=8, head_dim=16)
+    with pytest.raises(ValueError, match=r"wrote K/V of shape \(2, 1, 3, 16\).*4 heads of size 16"):
+        cache.write(0, torch.zeros(2, 1, 3, 16), torch.zeros(2, 1, 3, 16))
+    with pytest.raises(ValueError, match="4 heads of size 16"):
+        cache.write(0, torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 3, 8))

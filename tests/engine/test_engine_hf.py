@@ -60,11 +60,25 @@ def hf_greedy(model, prompt, n):
     return seq[len(prompt):]
 
 
+def falcon(seed, new_decoder_architecture):
+    """Falcon's two K/V layouts: multi-query (falcon-7b: one K/V head, though num_kv_heads says
+    4) and the new decoder architecture with num_kv_heads = 2.  The adapter sized the cache from
+    num_key_value_heads, which Falcon does not have, so multi-query Falcon filled one head of
+    four and its logits were silently wrong (a review: argmax off at 3 of 8 positions)."""
+    torch.manual_seed(seed)
+    cfg = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    multi_query=True, num_kv_heads=2, alibi=False, bos_token_id=0, eos_token_id=0,
+                                    new_decoder_architecture=new_decoder_architecture, attn_implementation="eager")
+    return transformers.FalconForCausalLM(cfg).double().eval()
+
+
 MODELS = [
     pytest.param(lambda s: llama(s, "sdpa"), id="llama-sdpa"),
     pytest.param(lambda s: llama(s, "eager"), id="llama-eager"),
     pytest.param(lambda s: gpt2(s, "eager"), id="gpt2-eager"),
     pytest.param(lambda s: gpt2(s, "sdpa"), id="gpt2-sdpa"),
+    pytest.param(lambda s: falcon(s, False), id="falcon-multi-query"),
+    pytest.param(lambda s: falcon(s, True), id="falcon-new-architecture"),
 ]
 
 
