@@ -49,7 +49,10 @@ class GenerationStats:
     draft_passes: int = 0
     draft2_passes: int = 0  # forwards of the second draft model (staged drafting)
     new_tokens: int = 0  # tokens returned, summed over requests
-    block_efficiency: float = 0.0  # tokens emitted per request per target pass (accepted + 1)
+    # tokens emitted per request per target pass (accepted + 1), each round counted whole even
+    # where max_new_tokens or eos cuts its last tokens from the output: the scheme's block
+    # efficiency; the output's tokens per pass is new_tokens / target_passes
+    block_efficiency: float = 0.0
     block_efficiency_per_request: list[float] = field(default_factory=list)  # the same, request by request
     reached_by_depth: list[int] = field(default_factory=list)  # walks that reached depth d's drafts
     accepted_by_depth: list[int] = field(default_factory=list)  # ... and accepted one of them
@@ -669,8 +672,13 @@ def check_widths(verifier: Verifier, widths) -> tuple[int, ...]:
     return widths
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
 def seeded_generator(device, seed: int | None) -> torch.Generator:
     """A generator on ``device``: seeded for reproducible runs, from OS entropy when seed is None."""
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ValueError(f"seed {seed} is out of range for a torch generator ({SEED_RANGE[0]}..{SEED_RANGE[1]})")
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
@@ -743,6 +751,9 @@ class Engine:
         for name, value, limit in [("num_drafts", num_drafts, MAX_TREE_PATHS), ("depth", depth, MAX_DEPTH)]:
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
                 raise ValueError(f"{name} must be an int in 1..{limit}, got {value!r}")
+        if verifier_options and not isinstance(verifier, str):
+            raise ValueError(f"options {sorted(verifier_options)} go to a verifier named by its string; "
+                             f"verifier={verifier!r} is an instance, configure it when you build it")
         if isinstance(verifier, str):
             # The engine's p and q rows are distributions by construction, and its drafts come
             # from the verifier's own scheme: checking them at every tree level would read values
@@ -838,6 +849,8 @@ class Engine:
             row_prompt_len = prompt_len[request]  # [rows]
             k, depth = (self.num_drafts, self.depth) if shape_for_batch is None else shape_for_batch(request.numel())
             if shape_for_batch is not None and (k, depth) != (0, 0):
+                if not all(isinstance(x, int) and not isinstance(x, bool) for x in (k, depth)):
+                    raise ValueError(f"shape_for_batch({request.numel()}) must give two ints (k, D), got ({k!r}, {depth!r})")
                 if not (1 <= k <= self.num_drafts and 1 <= depth <= self.depth):
                     raise ValueError(f"shape_for_batch({request.numel()}) gave (k={k}, D={depth}); this engine's caches "
                                      f"hold k <= {self.num_drafts} and D <= {self.depth}, or (0, 0) for a plain step")

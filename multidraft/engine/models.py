@@ -142,8 +142,8 @@ def check_positions(models: dict, needed: int) -> None:
 def _check_vocab(name: str, model) -> int:
     vocab = getattr(model, "vocab_size", None)
     if not isinstance(vocab, int) or vocab < 1:
-        raise ValueError(f"{name} model must have an int attribute vocab_size >= 1, got {vocab!r}")
+        raise ValueError(f"the {name} must have an int attribute vocab_size >= 1, got {vocab!r}")
     if not callable(getattr(model, "new_cache", None)):
-        raise ValueError(f"{name} model must have a new_cache(batch_size, max_len, device) method")
+        raise ValueError(f"the {name} must have a new_cache(batch_size, max_len, device) method")
     return vocab
 

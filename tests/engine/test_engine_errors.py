@@ -48,6 +48,8 @@ def test_bad_prompts(engine, prompt, message):
         ({"max_new_tokens": 2, "eos_token_id": True}, "eos_token_id must be None or an int token id, got True"),
         ({"max_new_tokens": 2, "top_p": True}, "top_p must be None or a number in \\(0, 1\\], got True"),
         ({"max_new_tokens": 2, "temperature": 1e-320}, "temperature = 1e-320 is below the smallest normal torch.float64"),
+        ({"max_new_tokens": 2, "seed": 2**64}, "seed 18446744073709551616 is out of range for a torch generator"),
+        ({"max_new_tokens": 2, "seed": [0, -(2**63) - 1][1:]}, "seed -9223372036854775809 is out of range"),
     ],
 )
 def test_bad_generate_arguments(engine, kwargs, message):
@@ -87,7 +89,7 @@ def test_bad_engine_arguments():
         Engine(t4, t4, widths=(0, 2))
     with pytest.raises(ValueError, match="8192 root-to-leaf paths, above the limit 4096"):
         Engine(t4, t4, widths=(8, 8, 8, 16))
-    with pytest.raises(ValueError, match="target model must have an int attribute vocab_size"):
+    with pytest.raises(ValueError, match="the target must have an int attribute vocab_size"):
         Engine(object(), t4)
 
 
@@ -132,3 +134,18 @@ def test_a_shape_per_round_must_suit_the_verifier():
     engine = Engine(t, t, verifier="spechub", num_drafts=2, depth=1, device="cpu")
     with pytest.raises(ValueError, match="verifier 'spechub' takes 2..2 drafts per node, got shape_for_batch\\(2\\)'s k = 1"):
         engine.decode([[1, 2]] * 2, 4, seed=0, shape_for_batch=lambda rows: (1, 1))
+
+
+def test_a_shape_per_round_must_be_two_ints():
+    t = TableModel.random(4, 2, seed=0)
+    engine = Engine(t, t, verifier="rrs", num_drafts=2, depth=2, device="cpu")
+    for bad in [(2, 1.0), (2, True), (2.0, 1)]:
+        with pytest.raises(ValueError, match="must give two ints \\(k, D\\)"):
+            engine.decode([[1, 2]], 4, seed=0, shape_for_batch=lambda rows, bad=bad: bad)
+
+
+def test_options_with_a_verifier_instance_are_refused():
+    """They reach a verifier only through its name; with an instance they were dropped silently."""
+    t = TableModel.random(4, 2, seed=0)
+    with pytest.raises(ValueError, match="options \\['fused'\\] go to a verifier named by its string"):
+        Engine(t, t, verifier=md.get_verifier("optimal"), fused=False, device="cpu")

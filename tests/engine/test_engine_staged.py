@@ -140,7 +140,7 @@ def test_draft2_errors():
         Engine(target, draft, draft2=TableModel.random(5, 2, seed=0))
     with pytest.raises(ValueError, match="draft2 .staged drafting. extends drafted sequences"):
         Engine(target, draft, widths=(2, 2), draft2=TableModel.random(4, 2, seed=0))
-    with pytest.raises(ValueError, match="draft2 model must have an int attribute vocab_size"):
+    with pytest.raises(ValueError, match="the draft2 must have an int attribute vocab_size"):
         Engine(target, draft, draft2=object())
 
 
