@@ -2,7 +2,8 @@
 efficiency, per verifier, batch size and temperature.
 
     .venv/bin/python benchmarks/engine.py                      # full grid, 1 thread, CPU
-    .venv/bin/python benchmarks/engine.py --quick              # batch 1 and 16 only
+    .venv/bin/python benchmarks/engine.py --quick              # batch 1 and 16, one repeat
+    .venv/bin/python benchmarks/engine.py --quick --batches 4  # --quick's other defaults, batch 4
     .venv/bin/python benchmarks/engine.py --json out.json --markdown
 
 Models (``--pair``): ``shipped`` (default), the trained byte-level pair shipped in
@@ -45,6 +46,10 @@ FIXED_SHAPES = [(1, 4), (2, 2), (2, 4), (4, 3), (2, 6)]
 CALIBRATION_PROMPTS = 16
 EVALUATION_REQUESTS = 8
 CHOICE_MARGIN = 0.05  # speculate only where it is predicted to beat plain decoding by 5 %
+
+# Defaults, and --quick's: an option given explicitly wins over both.
+DEFAULTS = {"batches": [1, 4, 16, 64], "repeats": 3}
+QUICK = {"batches": [1, 16], "repeats": 1}
 
 
 def shape_label(shape: dict) -> str:
@@ -196,24 +201,56 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def check_verifiers(parser, names) -> None:
+    """Every name is registered (else the registry's own error) and has a config here: a name
+    without one would be dropped, leaving an empty table and exit status 0."""
+    from multidraft.verifiers import get_verifier
+
+    configured = sorted({c[0] for c in CONFIGS})
+    for name in names or []:
+        try:
+            get_verifier(name)
+        except ValueError as err:
+            parser.error(f"--verifiers: {err}")
+    for name in names or []:
+        if name not in configured:
+            parser.error(f"--verifiers: {name!r} has no engine config in this benchmark (CONFIGS); configured: {', '.join(configured)}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pair", choices=["shipped", "demo"], default="shipped", help="model pair (default: the shipped trained pair)")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--batches", type=int, nargs="+", help=f"batch sizes (default {DEFAULTS['batches']})")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--verifiers", nargs="+", help="subset of: " + ", ".join(sorted({c[0] for c in CONFIGS})))
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (median)")
+    parser.add_argument("--repeats", type=int, help=f"timed runs of each (median; default {DEFAULTS['repeats']})")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: a shared machine)")
-    parser.add_argument("--quick", action="store_true", help="batches 1 and 16, one repeat")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"batches {QUICK['batches']}, {QUICK['repeats']} repeat, unless --batches or --repeats say otherwise")
     parser.add_argument("--adaptive", action="store_true", help="instead: pick (k, D) per batch size with multidraft.engine.shape")
     parser.add_argument("--adaptive-verifier", default="rrs")
     parser.add_argument("--json", help="write rows and machine info here")
     parser.add_argument("--markdown", action="store_true", help="print the markdown tables")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.batches, args.repeats = [1, 16], 1
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for option, values in (("--batches", args.batches), ("--repeats", [args.repeats]), ("--new-tokens", [args.new_tokens]),
+                           ("--prompt-len", [args.prompt_len]), ("--threads", [args.threads])):
+        for value in values:
+            if value < 1:
+                parser.error(f"{option} must be >= 1, got {value}")
+    for t in args.temperatures:
+        if t < 0:
+            parser.error(f"--temperatures must be >= 0 (0 = greedy), got {t}")
+    check_verifiers(parser, args.verifiers)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     result = run_adaptive(args) if args.adaptive else run(args)
     if args.json:
         with open(args.json, "w") as f:

@@ -202,6 +202,22 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def check_args(parser, args) -> None:
+    """Range checks, before anything is timed: --B 0 divides by zero, --threads 0 was silently
+    ignored, and a negative --max-call-s skipped every larger B as "too slow"."""
+    for option, values, limit in (("--V", args.V, 1), ("--B", args.B, 1), ("--k", args.k, 1),
+                                  ("--threads", [args.threads] if args.threads is not None else [], 1),
+                                  ("--min-repeats", [args.min_repeats], 1), ("--max-repeats", [args.max_repeats], 1)):
+        for value in values or []:
+            if value < limit:
+                parser.error(f"{option} must be >= {limit}, got {value}")
+    if args.max_repeats < args.min_repeats:
+        parser.error(f"--max-repeats ({args.max_repeats}) must be >= --min-repeats ({args.min_repeats})")
+    for option, value in (("--budget", args.budget), ("--max-call-s", args.max_call_s)):
+        if not value >= 0:  # also refuses nan
+            parser.error(f"{option} must be >= 0 seconds, got {value}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"smaller grid: {QUICK_GRID}")
@@ -224,8 +240,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results and the machine to PATH")
     parser.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
     args = parser.parse_args(argv)
+    check_args(parser, args)
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     grid = dict(QUICK_GRID if args.quick else FULL_GRID)
     for key in ("V", "B", "k"):

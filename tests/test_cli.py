@@ -20,8 +20,9 @@ def test_compare_writes_a_report(tmp_path, capsys):
     rows = {(r["verifier"], r["k"]): r for r in data["rows"]}
     assert rows[("single", 2)]["acceptance"] is None and "at most 1" in rows[("single", 2)]["note"]
     for (name, _k), row in rows.items():
-        if row["acceptance"] is not None and name != "rrs-wor":
-            assert row["acceptance"] <= row["optimal_iid"] + 3 * row["ci95"] + 1e-9
+        if row["acceptance"] is not None and name != "rrs-wor":  # i.i.d. drafts: at most the optimum, pair by pair
+            slack = 0.0 if row["exact_per_pair"] else 4 * row["sampling_se"]  # sampled: the draft tuples' noise only
+            assert row["acceptance"] <= row["optimal_iid"] + slack + 1e-9, row
     assert (out / "report.md").read_text().startswith("# multidraft acceptance comparison")
     assert "| dirichlet | 1 | 2 | rrs | " in capsys.readouterr().out
 
@@ -67,14 +68,16 @@ def test_a_user_verifier_runs_in_the_report_and_the_engine(tmp_path, capsys, mon
     try:
         out = tmp_path / "report"
         assert main(["compare", "--import", "custom_verifier", "--verifiers", "coin-flip-rrs,rrs", "--families", "",
-                     "--pairs", "16", "--ks", "1,2", "--temperatures", "1.0", "--tree-shapes", "2x2,2-1",
+                     "--pairs", "128", "--ks", "1,2", "--temperatures", "1.0", "--tree-shapes", "2x2,2-1",
                      "--no-costs", "--quiet", "--out", str(out)]) == 0
         data = json.loads((out / "report.json").read_text())
         mine = {r["k"]: r for r in data["rows"] if r["verifier"] == "coin-flip-rrs"}
         theirs = {r["k"]: r for r in data["rows"] if r["verifier"] == "rrs"}
         for k in (1, 2):  # the same scheme as rrs: its sampled estimate covers rrs's exact value
             assert not mine[k]["exact_per_pair"] and theirs[k]["exact_per_pair"]
-            assert abs(mine[k]["acceptance"] - theirs[k]["acceptance"]) < 3 * mine[k]["ci95"] + 1e-9
+            # Paired: both are scored on the same pairs, so they differ by the draft tuples' noise
+            # alone (sampling_se), not by the spread between pairs (ci95, ~8x wider here).
+            assert abs(mine[k]["acceptance"] - theirs[k]["acceptance"]) < 4 * mine[k]["sampling_se"] + 1e-9, (mine[k], theirs[k])
         engine = [r for r in data["engine"] if r["verifier"] == "coin-flip-rrs"]
         assert engine and engine[0]["block_efficiency"] >= 1
         capsys.readouterr()
@@ -83,3 +86,77 @@ def test_a_user_verifier_runs_in_the_report_and_the_engine(tmp_path, capsys, mon
     finally:
         base._REGISTRY.pop("coin-flip-rrs", None)
         sys.modules.pop("custom_verifier", None)
+
+
+def _compare(tmp_path, *options):
+    out = tmp_path / "report"
+    code = main(["compare", "--verifiers", "rrs", "--ks", "2", "--temperatures", "1.0", "--no-costs", "--quiet",
+                 "--out", str(out), *options])
+    return code, out
+
+
+def test_compare_refuses_bad_counts_by_name(tmp_path, capsys):
+    for option, value in (("--pairs", "0"), ("--pairs", "-5"), ("--vocab", "0"), ("--context-length", "0"), ("--ks", "0")):
+        code, _ = _compare(tmp_path, "--no-pair", "--families", "dirichlet", option, value)
+        err = capsys.readouterr().err
+        assert code == 2 and f"{option} (" in err and ">= 1" in err and f"got {value}" in err, (option, value, err)
+
+
+def test_compare_with_one_pair_reports_no_interval(tmp_path, capsys):
+    code, out = _compare(tmp_path, "--no-pair", "--families", "dirichlet", "--pairs", "1", "--vocab", "20")
+    assert code == 0
+    row = json.loads((out / "report.json").read_text())["rows"][0]
+    assert row["ci95"] is None and "(no interval)" in (out / "report.md").read_text()
+
+
+def test_compare_prompts_file_uses_and_reports_the_counts_it_used(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    lines = ["def foo(x):", "    return x + 1", "import os", "class A:", "    pass  # a line longer than the context"]
+    prompts.write_text("\n".join(lines) + "\n")
+    # --pairs 3 takes the first three lines; the engine's 16 requests get all five (ragged, whole).
+    code, out = _compare(tmp_path, "--prompts-file", str(prompts), "--pairs", "3", "--families", "", "--tree-shapes", "2x1",
+                         "--context-length", "16")
+    assert code == 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["pairs"] == {"shipped-pair": 3} and data["engine_requests"] == 5
+    text = (out / "report.md").read_text()
+    assert "3 (p, q) pairs per source" in text and "5 requests of 48 new tokens" in text
+    assert "has 5 non-empty lines, so 5 were used, not the 16 asked for" in text
+    assert "1 of the 5 prompt lines used were longer than 16 tokens" in text
+    code, out = _compare(tmp_path, "--prompts-file", str(prompts), "--pairs", "100", "--families", "", "--no-engine")
+    text = (out / "report.md").read_text()
+    assert code == 0 and "5 (p, q) pairs per source" in text and "so 5 were used, not the 100 asked for" in text
+
+
+def _benchmark(name):
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _refused(entry, argv, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        entry(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_benchmark_command_lines_refuse_what_they_would_drop(capsys):
+    engine = _benchmark("engine")
+    assert "unknown verifier 'typo'" in _refused(engine.parse_args, ["--verifiers", "rrs", "typo"], capsys)
+    assert "'optimal' has no engine config" in _refused(engine.parse_args, ["--verifiers", "optimal"], capsys)
+    assert "--repeats must be >= 1, got 0" in _refused(engine.parse_args, ["--repeats", "0"], capsys)
+    quick = engine.parse_args(["--quick", "--batches", "2", "--repeats", "3"])  # explicit options win over --quick
+    assert (quick.batches, quick.repeats) == ([2], 3)
+    assert (engine.parse_args(["--quick"]).batches, engine.parse_args([]).repeats) == ([1, 16], 3)
+    verifiers = _benchmark("verifiers")
+    for argv, message in ((["--threads", "0"], "--threads must be >= 1, got 0"), (["--B", "0"], "--B must be >= 1, got 0"),
+                          (["--max-call-s", "-1"], "--max-call-s must be >= 0 seconds, got -1.0")):
+        assert message in _refused(verifiers.main, argv, capsys), argv

@@ -8,8 +8,10 @@ Three sections, each a list of rows in report.json and a table in report.md, wit
    (``exact_acceptance``) are evaluated exactly per pair; the others without the noise of the
    accept/reject coin: for each pair and each tuple drawn by the verifier's own scheme, the
    kernel's exact mass on the drafted tokens is averaged (a Rao-Blackwellized estimate).  The
-   optimum for k i.i.d. drafts is exact per pair.  Every figure carries a 95% confidence
-   interval over the pairs and says whether it is exact per pair.
+   optimum for k i.i.d. drafts is exact per pair.  Every figure carries a 95% Student-t
+   interval over the pairs (none below two pairs) and says whether it is exact per pair; each
+   row also has the paired interval of its gap to the optimum and, where sampled, the standard
+   error of the draft tuples alone.
 2. Block efficiency (tokens per target pass) of the engine on the model pair, per verifier and
    tree shape (k draft sequences of depth D), with a 95% interval over requests.
 3. Cost of one ``verify`` call per node against V and k, next to one softmax over the same
@@ -18,6 +20,8 @@ Three sections, each a list of rows in report.json and a table in report.md, wit
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import time
@@ -30,7 +34,7 @@ from .. import proofs
 from ..verifiers import available_verifiers, get_verifier
 from .families import FAMILIES
 from .progress import Progress
-from .sources import ModelPair, contexts_from_prompts, hf_pair, pair_logits, shipped_pair
+from .sources import ModelPair, PromptContexts, contexts_from_prompts, hf_pair, pair_logits, shipped_pair
 
 
 def default_verifiers() -> list[str]:
@@ -81,9 +85,17 @@ class Row:
     verifier: str
     k: int
     acceptance: float | None  # mean over pairs; None when the verifier does not support this case
-    ci95: float | None  # half-width of the 95% interval over pairs
+    ci95: float | None  # half-width of the 95% interval over pairs; None below 2 pairs
     exact_per_pair: bool  # True: no sampling of drafts, only of the (p, q) pairs
     optimal_iid: float  # mean over the pairs of the exact optimum for k i.i.d. drafts
+    # Half-width of the 95% interval of optimal_iid - acceptance, paired over the same pairs
+    # (1-5x narrower than ci95 on the default report's families, where the optimum shares
+    # most of the spread between pairs; not always); None below 2 pairs.
+    gap_ci95: float | None = None
+    # Standard error of ``acceptance`` from the draft tuples alone, the pairs held fixed: 0 when
+    # exact per pair, None with one tuple per pair.  Two verifiers scored on the same pairs
+    # differ by this noise, not by ci95.
+    sampling_se: float | None = None
     note: str = ""
 
 
@@ -94,7 +106,7 @@ class EngineRow:
     k: int
     depth: int
     block_efficiency: float | None  # tokens per request per target pass
-    ci95: float | None  # over requests
+    ci95: float | None  # over requests; None below 2 requests
     acceptance_by_depth: list[float] = field(default_factory=list)
     note: str = ""
     widths: list[int] | None = None  # a branching tree (k = widths[0], D = len(widths)); None: k sequences
@@ -122,28 +134,87 @@ class Report:
     acceptance: list[Row]
     engine: list[EngineRow]
     costs: list[CostRow]
+    pairs: dict[str, int] = field(default_factory=dict)  # source -> (p, q) pairs actually used
+    engine_requests: int = 0  # requests actually decoded per engine run
+    notes: list[str] = field(default_factory=list)  # where the run used less than was asked for
 
 
-def mean_and_ci(per_pair: torch.Tensor) -> tuple[float, float]:
-    per_pair = per_pair.double()
-    spread = float(per_pair.std()) if per_pair.numel() > 1 else 0.0
-    return float(per_pair.mean()), 1.96 * spread / math.sqrt(per_pair.numel())
+@functools.lru_cache(maxsize=None)
+def t_quantile(n: int) -> float:
+    """The 97.5% quantile of Student's t with n - 1 degrees of freedom: 1.96 is 8% too
+    narrow at 16 requests and 30% at 5."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1))
 
 
-def acceptance_per_pair(verifier, p, q, k, tuples_per_pair, generator) -> tuple[torch.Tensor, bool]:
-    """Acceptance [B] of each pair: exact when the verifier has a closed form, else the mean
-    over ``tuples_per_pair`` drafted tuples of the kernel's mass on the drafts."""
+def mean_and_ci(values: torch.Tensor) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95% t-interval; no interval (None) below 2 values,
+    where nothing says how far the mean is from its expectation."""
+    values = values.double()
+    n = values.numel()
+    if n < 2:
+        return float(values.mean()), None
+    return float(values.mean()), t_quantile(n) * float(values.std()) / math.sqrt(n)
+
+
+def cell_generator(seed: int, *key) -> torch.Generator:
+    """A generator for one cell (seed, source, T, k, verifier): its draws do not depend on
+    which other verifiers, sources or temperatures ran before it.  sha256, not hash(): Python
+    salts str hashes per process."""
+    digest = hashlib.sha256(repr((seed, *key)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def acceptance_per_pair(verifier, p, q, k, tuples_per_pair, generator) -> tuple[torch.Tensor, bool, float | None]:
+    """(acceptance [B] of each pair, exact, sampling_se): exact when the verifier has a closed
+    form, else the mean over ``tuples_per_pair`` drafted tuples of the kernel's mass on the
+    drafts, with the standard error of its mean over pairs from the tuples alone."""
     if verifier.exact_acceptance:
-        return verifier.expected_acceptance(p, q, k), True
+        return verifier.expected_acceptance(p, q, k), True, 0.0
     p_rep = p.repeat(tuples_per_pair, 1)  # [R*B, V]
     q_rep = q.repeat(tuples_per_pair, 1)
     drafts = verifier.draft(q_rep, k, generator=generator)  # [R*B, k]
     kernel = verifier.kernel(p_rep, q_rep, drafts)  # [R*B, V]
     on_draft = torch.zeros_like(kernel, dtype=torch.bool).scatter_(1, drafts, True)
-    return (kernel * on_draft).sum(-1).view(tuples_per_pair, -1).mean(0), False
+    per_tuple = (kernel * on_draft).sum(-1).view(tuples_per_pair, -1).double()  # [R, B]
+    return per_tuple.mean(0), False, sampling_se(per_tuple)
+
+
+def sampling_se(per_tuple: torch.Tensor) -> float | None:
+    """Standard error of the mean over pairs of per_tuple [R, B].mean(0), the pairs held
+    fixed: sqrt(sum of the within-pair variances / R) / B.  None when R < 2."""
+    tuples, pairs = per_tuple.shape
+    if tuples < 2:
+        return None
+    return math.sqrt(float(per_tuple.var(0).sum()) / tuples) / pairs
+
+
+# CompareConfig fields the compare CLI sets, by option: errors name both.
+_OPTIONS = {"ks": "--ks", "pairs": "--pairs", "vocab": "--vocab", "context_length": "--context-length"}
+
+# (field, smallest value, what it counts) for every count in CompareConfig.
+_COUNTS = [("ks", 1, "drafts per position"), ("pairs", 1, "(p, q) pairs per source"),
+           ("vocab", 1, "tokens in the synthetic families' vocabulary"),
+           ("context_length", 1, "tokens of context per position"),
+           ("tuples_per_pair", 1, "draft tuples per pair"), ("engine_prompts", 1, "requests per engine run"),
+           ("engine_new_tokens", 1, "new tokens per request"), ("cost_vocab", 1, "vocabulary sizes of the cost section"),
+           ("cost_ks", 1, "draft counts of the cost section"), ("cost_batch", 1, "nodes per verify call")]
+
+
+def _check_counts(config: CompareConfig) -> None:
+    """Every count is an int at or above its limit: below it, torch fails deep inside with
+    a message that names neither the option nor the value (or a slice silently keeps all)."""
+    for name, limit, what in _COUNTS:
+        value = getattr(config, name)
+        label = f"{_OPTIONS[name]} ({name})" if name in _OPTIONS else name
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, bool) or not isinstance(v, int) or v < limit:
+                raise ValueError(f"{label} must be an int >= {limit} ({what}), got {v!r}")
 
 
 def check_config(config: CompareConfig) -> None:
+    _check_counts(config)
     for family_name in config.families:
         if family_name not in FAMILIES:
             raise ValueError(f"unknown family {family_name!r}; known families: {', '.join(FAMILIES)}")
@@ -174,9 +245,13 @@ def load_model_pair(config: CompareConfig) -> ModelPair | None:
     return hf_pair(config.hf_target, config.hf_draft) if config.pair == "hf" else shipped_pair()
 
 
-def model_pair_contexts(config: CompareConfig, pair: ModelPair, count: int, seed: int):
+def model_pair_contexts(config: CompareConfig, pair: ModelPair, count: int, seed: int, notes: list[str], what: str):
+    """``count`` contexts for the pair (fewer where a prompts file has fewer lines); what the
+    run had to change about them is added to ``notes``, for the report to say."""
     if config.prompts_file:
-        return contexts_from_prompts(config.prompts_file, pair.encode, config.context_length)
+        got = contexts_from_prompts(config.prompts_file, pair.encode, config.context_length, count)
+        notes += prompts_notes(config, got, count, what)
+        return got.contexts
     if pair.name == "shipped-pair":
         from ..engine.pretrained import held_out_windows
 
@@ -184,36 +259,47 @@ def model_pair_contexts(config: CompareConfig, pair: ModelPair, count: int, seed
     raise ValueError("a transformers pair needs prompts: pass prompts_file (one prompt per line)")
 
 
+def prompts_notes(config: CompareConfig, got: PromptContexts, asked: int, what: str) -> list[str]:
+    """What the report must say about the prompts it used: fewer than asked, or cut lines."""
+    notes = []
+    if len(got.contexts) < asked:
+        notes.append(f"{what}: the prompts file {config.prompts_file} has {got.lines} non-empty lines, so "
+                     f"{len(got.contexts)} were used, not the {asked} asked for.")
+    if got.cut:
+        notes.append(f"{what}: {got.cut} of the {len(got.contexts)} prompt lines used were longer than "
+                     f"{config.context_length} tokens and kept only their last {config.context_length} (--context-length).")
+    return notes
+
+
 def run_acceptance(config: CompareConfig, sources: dict[str, tuple[torch.Tensor, torch.Tensor]], progress: Progress) -> list[Row]:
     rows: list[Row] = []
     verifiers = {name: make_verifier(config, name) for name in config.verifiers}
-    g = torch.Generator().manual_seed(config.seed)
     for source, (target_logits, draft_logits) in sources.items():
         for temperature in config.temperatures:
             p = (target_logits / temperature).softmax(-1)
             q = (draft_logits / temperature).softmax(-1)
             for k in config.ks:
-                optimal = float(proofs.optimal_acceptance(p, q, k).mean())
+                optimal_per_pair = proofs.optimal_acceptance(p, q, k).double()
+                optimal = float(optimal_per_pair.mean())
                 for name, verifier in verifiers.items():
                     try:
                         verifier.check_num_drafts(k, q)
-                        per_pair, exact = acceptance_per_pair(verifier, p, q, k, config.tuples_per_pair, g)
+                        g = cell_generator(config.seed, source, temperature, k, name)
+                        per_pair, exact, se = acceptance_per_pair(verifier, p, q, k, config.tuples_per_pair, g)
                         mean, half = mean_and_ci(per_pair)
-                        rows.append(Row(source, temperature, name, k, mean, half, exact, optimal))
+                        gap_half = mean_and_ci(optimal_per_pair - per_pair.double())[1]
+                        rows.append(Row(source, temperature, name, k, mean, half, exact, optimal, gap_half, se))
                     except ValueError as err:  # a verifier limited to some k, or an LP too large
                         rows.append(Row(source, temperature, name, k, None, None, False, optimal, note=str(err)))
                     progress.step(f"{source} T={temperature:g} k={k} {name}")
     return rows
 
 
-def run_engine(config: CompareConfig, pair: ModelPair, progress: Progress) -> list[EngineRow]:
+def run_engine(config: CompareConfig, pair: ModelPair, prompts: list[list[int]], progress: Progress) -> list[EngineRow]:
+    """Block efficiency per temperature, verifier and tree shape on ``prompts`` (ragged lines
+    stay whole: the engine pads them itself)."""
     from ..engine import Engine
 
-    contexts = model_pair_contexts(config, pair, config.engine_prompts, config.seed + 1)
-    prompts = [c.tolist() for c in contexts][: config.engine_prompts]
-    if len({len(p) for p in prompts}) > 1:  # ragged prompt lines: keep each one's last tokens
-        shortest = min(len(p) for p in prompts)
-        prompts = [p[-shortest:] for p in prompts]
     shapes = [(dict(num_drafts=k, depth=depth), k, depth, None) for k, depth in config.tree_shapes]
     shapes += [(dict(widths=tuple(w)), w[0], len(w), list(w)) for w in config.tree_widths]
     rows = []
@@ -245,6 +331,19 @@ def _timed_seconds(fn, repeats: int = 5) -> tuple[float, float]:
     return times[len(times) // 2], (times[-1] - times[0]) / 2
 
 
+def _warm_up(verifier, k: int) -> None:
+    """One verify call on a tiny float32 problem (as benchmarks/verifiers.py's warmed_up), so
+    that numba compiling or loading its kernels is not taken for the verifier's own speed by
+    the too-slow probe: a fresh process's first rrs call takes ~0.8 s, later ones 0.5 ms."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 16, generator=g)
+    p, q = logits.softmax(-1), (logits + torch.randn(2, 16, generator=g)).softmax(-1)
+    try:
+        verifier.verify(p, q, verifier.draft(q, k, generator=g), generator=g)
+    except ValueError:  # a k or size it refuses: the real call says so
+        pass
+
+
 def run_costs(config: CompareConfig, progress: Progress, max_call_seconds: float = 2.0) -> list[CostRow]:
     rows = []
     batch = config.cost_batch
@@ -259,6 +358,7 @@ def run_costs(config: CompareConfig, progress: Progress, max_call_seconds: float
                 verifier = make_verifier(config, name, validate_args=False)
                 try:
                     verifier.check_num_drafts(k, q)
+                    _warm_up(verifier, k)
                     drafts = verifier.draft(q, k, generator=g)
                     start = time.perf_counter()
                     verifier.verify(p, q, drafts, generator=g)
@@ -278,8 +378,9 @@ def run_report(config: CompareConfig, show_progress: bool = True) -> Report:
     pair = load_model_pair(config)
     sources: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     descriptions: dict[str, str] = {}
+    notes: list[str] = []
     if pair is not None:
-        contexts = model_pair_contexts(config, pair, config.pairs, config.seed)
+        contexts = model_pair_contexts(config, pair, config.pairs, config.seed, notes, "acceptance pairs (--pairs)")
         sources[pair.name] = pair_logits(pair, contexts)
         descriptions[pair.name] = pair.description
     for name in config.families:
@@ -292,17 +393,21 @@ def run_report(config: CompareConfig, show_progress: bool = True) -> Report:
     acceptance = run_acceptance(config, sources, progress)
     progress.close()
     engine_rows: list[EngineRow] = []
+    prompts: list[list[int]] = []
     if config.engine and pair is not None:
+        contexts = model_pair_contexts(config, pair, config.engine_prompts, config.seed + 1, notes, "engine requests (engine_prompts)")
+        prompts = [c.tolist() for c in contexts]
         progress = Progress(len(config.temperatures) * len(config.verifiers) * (len(config.tree_shapes) + len(config.tree_widths)),
                         "engine", enabled=show_progress)
-        engine_rows = run_engine(config, pair, progress)
+        engine_rows = run_engine(config, pair, prompts, progress)
         progress.close()
     cost_rows: list[CostRow] = []
     if config.costs:
         progress = Progress(len(config.cost_vocab) * len(config.cost_ks) * len(config.verifiers), "cost", enabled=show_progress)
         cost_rows = run_costs(config, progress)
         progress.close()
-    return Report(descriptions, acceptance, engine_rows, cost_rows)
+    pairs = {name: int(target.shape[0]) for name, (target, _) in sources.items()}
+    return Report(descriptions, acceptance, engine_rows, cost_rows, pairs, len(prompts), notes)
 
 
 # ---- tables --------------------------------------------------------------------------------
@@ -315,13 +420,18 @@ def _table(header: list[str], rows, cells) -> str:
     return "\n".join(lines)
 
 
+def _with_interval(value: float, half: float | None, digits: int) -> str:
+    """"0.7682 ± 0.0123", or "0.7682 (no interval)" from a single sample: not ± 0."""
+    return f"{value:.{digits}f} ± {half:.{digits}f}" if half is not None else f"{value:.{digits}f} (no interval)"
+
+
 def markdown_table(rows: list[Row]) -> str:
     def cells(r):
         head = [r.family, f"{r.temperature:g}", str(r.k), r.verifier]
         if r.acceptance is None:
             return head + ["n/a", "", f"{r.optimal_iid:.4f}", r.note.split(";")[0]]
         share = r.acceptance / r.optimal_iid if r.optimal_iid > 0 else float("nan")
-        return head + [f"{r.acceptance:.4f} ± {r.ci95:.4f}", "yes" if r.exact_per_pair else "sampled", f"{r.optimal_iid:.4f}", f"{share:.3f}"]
+        return head + [_with_interval(r.acceptance, r.ci95, 4), "yes" if r.exact_per_pair else "sampled", f"{r.optimal_iid:.4f}", f"{share:.3f}"]
 
     return _table(["source", "T", "k", "verifier", "acceptance (95% CI over pairs)", "exact per pair", "optimum (i.i.d.)",
                    "share of optimum"], rows, cells)
@@ -332,7 +442,7 @@ def engine_table(rows: list[EngineRow]) -> str:
         head = [f"{r.temperature:g}", r.verifier, r.shape]
         if r.block_efficiency is None:
             return head + ["n/a", r.note.split(";")[0].split(":")[0]]
-        return head + [f"{r.block_efficiency:.3f} ± {r.ci95:.3f}", " ".join(f"{a:.2f}" for a in r.acceptance_by_depth)]
+        return head + [_with_interval(r.block_efficiency, r.ci95, 3), " ".join(f"{a:.2f}" for a in r.acceptance_by_depth)]
 
     return _table(["T", "verifier", "tree", "block efficiency (95% CI over requests)", "acceptance by depth"], rows, cells)
 
@@ -347,6 +457,15 @@ def cost_table(rows: list[CostRow]) -> str:
     return _table(["V", "k", "verifier", "µs per node (median ± half range)", "softmax µs per node", "× softmax"], rows, cells)
 
 
+def _pair_counts(report: Report) -> str:
+    """"1000 (p, q) pairs per source", or each source's count where they differ (a prompts
+    file with fewer lines than asked for): the counts used, not the ones asked for."""
+    counts = set(report.pairs.values())
+    if len(counts) <= 1:
+        return f"{counts.pop() if counts else 0} (p, q) pairs per source"
+    return "(p, q) pairs per source: " + ", ".join(f"{n} for {name}" for name, n in report.pairs.items())
+
+
 def write_report(config: CompareConfig, report: Report) -> Path:
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -356,15 +475,21 @@ def write_report(config: CompareConfig, report: Report) -> Path:
         "rows": [asdict(r) for r in report.acceptance],
         "engine": [asdict(r) for r in report.engine],
         "costs": [asdict(r) for r in report.costs],
+        "pairs": report.pairs,
+        "engine_requests": report.engine_requests,
+        "notes": report.notes,
     }, indent=2))
     sources = "\n".join(f"- `{n}`: {d}" for n, d in report.sources.items())
+    notes = "".join(f"Note: {n}\n\n" for n in report.notes)
     text = (
         "# multidraft acceptance comparison\n\n"
-        f"{config.pairs} (p, q) pairs per source and temperature, {config.tuples_per_pair} draft tuples "
-        f"per pair where sampled, seed {config.seed}.\n\nSources:\n{sources}\n\n"
+        f"{_pair_counts(report)}, the same pairs at every temperature; {config.tuples_per_pair} draft "
+        f"tuples per pair where sampled; seed {config.seed}.\n\nSources:\n{sources}\n\n{notes}"
         "## Acceptance\n\n"
         "Acceptance is exact per pair for verifiers with a closed form, otherwise the mean of the "
-        "kernel's exact mass on drafted tuples; the interval is over the sampled pairs. The "
+        "kernel's exact mass on drafted tuples; the interval is a 95% Student-t interval over the "
+        "sampled pairs. report.json adds each row's paired interval of the gap to the optimum "
+        "(gap_ci95) and the standard error of the draft tuples alone (sampling_se). The "
         "optimum is exact per pair for k i.i.d. drafts; schemes that draw distinct or "
         "deterministic drafts (rrs-wor, greedy, spechub) use another draft law and may exceed "
         "it.\n\n" + markdown_table(report.acceptance) + "\n"
@@ -372,11 +497,11 @@ def write_report(config: CompareConfig, report: Report) -> Path:
     if report.engine:
         text += (
             "\n## Block efficiency (engine, model pair)\n\n"
-            f"{config.engine_prompts} requests of {config.engine_new_tokens} new tokens each, one batch; "
+            f"{report.engine_requests} requests of {config.engine_new_tokens} new tokens each, one batch; "
             "tree kxD: k draft sequences of depth D per round; tree a-b-c: a branching tree with a "
             "children at the root, b under each of them, and so on (every node drafts by the verifier's "
             "own scheme); tokens per request per target pass, with a "
-            "95% interval over requests.\n\n" + engine_table(report.engine) + "\n"
+            "95% Student-t interval over requests.\n\n" + engine_table(report.engine) + "\n"
         )
     if report.costs:
         text += (

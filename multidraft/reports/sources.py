@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -55,12 +56,24 @@ def hf_pair(target_dir: str, draft_dir: str) -> ModelPair:
     return ModelPair(name, f"transformers pair: target {target_dir}, draft {draft_dir}", target, draft, encode, target.vocab_size)
 
 
-def contexts_from_prompts(path: str | Path, encode, length: int) -> list[Tensor]:
-    """One context per non-empty line of a prompts file (its last ``length`` tokens)."""
+class PromptContexts(NamedTuple):
+    contexts: list[Tensor]  # the first ``count`` non-empty lines, each its last ``length`` tokens
+    lines: int  # non-empty lines in the file
+    cut: int  # how many of the lines used were longer than ``length`` tokens
+
+
+def contexts_from_prompts(path: str | Path, encode, length: int, count: int) -> PromptContexts:
+    """One context per non-empty line of a prompts file, the first ``count`` lines (all of
+    them where there are fewer: the caller reports the count used), each its last ``length``
+    tokens."""
+    if length < 1:  # [-0:] would keep whole lines and [-(-3):] drop their first tokens
+        raise ValueError(f"context length must be >= 1 token, got {length}")
     lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"prompts file {path} has no non-empty lines")
-    return [encode(line)[-length:] for line in lines]
+    encoded = [encode(line) for line in lines[:count]]
+    cut = sum(len(tokens) > length for tokens in encoded)
+    return PromptContexts([tokens[-length:] for tokens in encoded], len(lines), cut)
 
 
 @torch.no_grad()
