@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 
+import chisquare
 from multidraft.cli import main
 from multidraft.verifiers import base
 
@@ -27,6 +28,19 @@ def test_compare_writes_a_report(tmp_path, capsys):
     assert "| dirichlet | 1 | 2 | rrs | " in capsys.readouterr().out
 
 
+def test_the_bare_command_takes_compare_options(tmp_path):
+    """`multidraft --quiet --out DIR ...` is the main job with options (it was 'invalid choice')."""
+    out = tmp_path / "bare"
+    assert main(["--vocab", "20", "--pairs", "8", "--ks", "2", "--temperatures", "1.0", "--verifiers", "rrs",
+                 "--families", "dirichlet", "--no-pair", "--no-costs", "--quiet", "--out", str(out)]) == 0
+    assert (out / "report.md").exists()
+
+
+def test_verify_exactness_refuses_a_bad_family_alpha(capsys):
+    assert main(["verify-exactness", "rrs", "--family-alpha", "0"]) == 2
+    assert "--family-alpha must be in (0, 1), got 0.0" in capsys.readouterr().err
+
+
 def test_unknown_verifier_is_a_clean_error(capsys):
     assert main(["verify-exactness", "nope"]) == 2
     assert "unknown verifier 'nope'; known verifiers:" in capsys.readouterr().err
@@ -36,7 +50,7 @@ def test_verify_exactness_on_a_user_verifier(capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLES))
     try:
         code = main(["verify-exactness", "coin-flip-rrs", "--import", "custom_verifier",
-                     "--max-k", "2", "--samples", "20000"])
+                     "--max-k", "2", "--samples", "20000", "--family-alpha", str(chisquare.reserve(3))])
         out = capsys.readouterr().out
         assert code == 0, out
         assert "coin-flip-rrs: exact on all" in out
