@@ -49,7 +49,7 @@ _TIER_LOG = TIER_BITS * math.log(2.0)
 NEWTON_TOLERANCE = 1e-12
 POLYNOMIAL_STEPS = 6  # Halley on the polynomial: fast from a warm start
 ROOT_FORM_STEPS = 30  # then in the k-th-root form: fast from far away
-WORK_ROWS = 14  # scratch rows of V + 1 doubles: 13 for one row's plan, one for a verdict's residual
+WORK_ROWS = 13  # scratch rows of V + 1 doubles: 12 for one row's plan, one for a verdict's residual
 
 
 @numba.njit(**_JIT)
@@ -346,14 +346,6 @@ def plan_positions(p, q, p_total, q_total, k, work):
     if not math.isfinite(floor):
         floor = 0.0
 
-    q_rest = work[12, :vocab]  # q-mass of the positions >= i in i's block
-    rest = 0.0
-    for i in range(vocab - 1, -1, -1):
-        if i == cut - 1:
-            rest = 0.0
-        rest += qs[i]
-        q_rest[i] = rest
-
     # 3. Processor sharing down each block.  Position i joins its block's group of earlier
     # positions with length ``left`` left; the scale falls by left / (the group's length at
     # the previous join), kept with its complement ``gap`` for the marginal.
@@ -400,7 +392,9 @@ def plan_positions(p, q, p_total, q_total, k, work):
             ratio = kept / left_prev
             drop = (left_prev - kept) / left_prev
             # the floor of optimal.smallest_log_ratio, without a division unless it binds
-            pairs = min(max(k * (k - 1) * q_group[i] * q_rest[i], _SEG_RATIO), 1.0)
+            # the block's q-mass from i on: to rounding in H (q_below - a), enough for a floor
+            rest = q_below[i] if i >= cut else max(q_below[i] - a, 0.0)
+            pairs = min(max(k * (k - 1) * q_group[i] * rest, _SEG_RATIO), 1.0)
             if ratio * pairs < _SEG_RATIO:
                 ratio = _SEG_RATIO / pairs
                 drop = 1 - ratio
@@ -559,7 +553,7 @@ def verify_row(p, q, drafts, u, k, out, work):
     if u[k] < keep:
         out[0] = winner
         return
-    by_token = work[13, :vocab]
+    by_token = work[12, :vocab]
     for m in range(vocab):
         by_token[order[m]] = marginal[m]
     out[0] = residual_draw(p, p_total, by_token, u[k + 1])
