@@ -59,7 +59,9 @@ def test_acceptance_rows_respect_the_optimum(report):
             assert r.acceptance == pytest.approx(r.optimal_iid, abs=1e-9) or not r.exact_per_pair
     importance = {(r.family, r.temperature): r for r in rows if r.verifier == "importance" and r.k == 2}
     rrs = {(r.family, r.temperature): r for r in rows if r.verifier == "rrs" and r.k == 2}
-    assert all(importance[key].acceptance >= rrs[key].acceptance - 1e-9 for key in importance)
+    # importance is optimal at k = 2, so at least rrs (exact per pair), up to its tuples' noise
+    assert all(importance[key].acceptance >= rrs[key].acceptance - 4 * importance[key].sampling_se - 1e-9
+               for key in importance)
     # otm's full-support LP at V = 256 is above the report's size limit: a clear n/a, not a hang.
     otm = [r for r in result.acceptance if r.verifier == "otm" and r.family == "shipped-pair" and r.k == 2]
     assert otm and all(r.acceptance is None and "max_variables" in r.note for r in otm)
