@@ -33,4 +33,5 @@ def reach_for(smallest_rate: float, reach: float = EXP_SINH_REACH) -> float:
     there), and never below ``reach``."""
     if not smallest_rate > 0:
         return reach
-    return max(reach, math.asinh(2 / math.pi * math.log(64 / smallest_rate)))
+    # log(64) - log(rate), not log(64 / rate): that overflows for a subnormal rate (1e-310)
+    return max(reach, math.asinh(2 / math.pi * (math.log(64) - math.log(smallest_rate))))

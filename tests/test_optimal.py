@@ -152,6 +152,12 @@ def test_optimum_without_replacement_at_a_large_vocabulary():
     ([1e-12, 1e-12, 1 - 2e-12], [0.1, 0.1, 0.8], 2),
     ([1e-9, 1e-9, 1 - 2e-9], [0.1, 0.1, 0.8], 2),
     ([5e-50, 1.0], [1.0, 0.0], 2),
+    # q down to 1e-300 and subnormal (a float64 softmax at a low temperature gives 1e-311): the
+    # nodes out past 64 / q overflowed float64 (a crash, or no convergence after 6 halvings)
+    ([0.5, 0.5 - 2e-300, 1e-300, 1e-300], [0.1, 0.2, 0.3, 0.4], 3),
+    ([0.5, 0.5, 1e-310, 1e-310], [0.1, 0.2, 0.3, 0.4], 2),
+    ([0.5, 0.5, 1e-310, 1e-310], [0.1, 0.2, 0.3, 0.4], 3),
+    ([0.6, 0.4 - 1e-250, 1e-250, 4e-320], [0.25, 0.25, 0.25, 0.25], 3),
 ])
 def test_optimum_without_replacement_on_peaked_drafts(q, p, k):
     """A prefix with tiny q-mass outside it is decided at t ~ 1/s, where step-1/32 nodes are
@@ -162,3 +168,20 @@ def test_optimum_without_replacement_on_peaked_drafts(q, p, k):
     p, q = p / p.sum(), q / q.sum()
     exact = md.proofs.optimal_acceptance_for_scheme(md.get_verifier("rrs-wor"), p, q, k)
     assert md.proofs.optimal_acceptance(p, q, k, replacement=False) == pytest.approx(exact, abs=1e-12)
+
+
+def test_the_enumerated_optima_check_their_inputs():
+    """They had taken any p: p = [2, -1] gave an "acceptance" of -0.5."""
+    rrs = md.get_verifier("rrs")
+    with pytest.raises(ValueError, match="is negative"):
+        md.proofs.optimal_acceptance_for_scheme(rrs, [2.0, -1.0], [0.5, 0.5], 1)
+    with pytest.raises(ValueError, match="sums to 0.6"):
+        md.proofs.optimal_acceptance_bruteforce([0.3, 0.3], [0.5, 0.5], 1)
+    with pytest.raises(ValueError, match="k must be an int >= 1, got 0"):
+        md.proofs.optimal_acceptance_bruteforce([0.5, 0.5], [0.5, 0.5], 0)
+    with pytest.raises(ValueError, match="same shape"):
+        md.proofs.optimal_acceptance_for_scheme(rrs, [1.0], [0.5, 0.5], 1)
+    with pytest.raises(ValueError, match="replacement must be True or False, got 'no'"):
+        md.proofs.optimal_acceptance([0.5, 0.5], [0.5, 0.5], 2, replacement="no")
+    with pytest.raises(ValueError, match="V >= 1"):
+        md.proofs.optimal_acceptance(1.0, 1.0, 2)

@@ -53,7 +53,9 @@ def optimal_acceptance_iid(p: Tensor, q: Tensor, k: int) -> Tensor:
 WOR_BLOCK = 256  # tokens per block of the prefix scan (at most)
 WOR_CHUNK_ENTRIES = 1 << 23  # nodes per pass are limited to this many [nodes, V, k] entries
 WOR_TOLERANCE = 1e-14  # the quadrature's step is halved until no prefix's 1 - Q moves by more
-WOR_REFINEMENTS = 6  # halvings at most: step 1/32 down to 1/2048
+# Halvings at most: step 1/32 down to 1/32768.  Ordinary rows stop after one or two; a q down
+# to 1e-300 needs about seven, as the nodes past t ~ 1 / q are step * log(64 / q) apart in log t.
+WOR_REFINEMENTS = 10
 
 
 def prefix_below_k(rang: Tensor, k: int) -> Tensor:
@@ -109,14 +111,18 @@ def optimal_acceptance_wor(p: Tensor, q: Tensor, k: int) -> float:
     outside = torch.cat([qs.flip(0).cumsum(0).flip(0)[1:], qs.new_zeros(1)])  # [V] s: q-mass after prefix i
     # Nodes out to where the slowest clock has surely rung (a prefix of tiny q-mass outside it
     # is decided at t ~ 1 / s, and s can be as small as the smallest q).
-    reach = reach_for(float(qs[qs > 0].min()))
+    # The clocks' order, and so Q, does not change when every rate is multiplied by one number:
+    # rates below 1e-300 are scaled up to it, else the nodes out past 64 / rate overflow float64.
+    smallest = float(qs[qs > 0].min())
+    rates, outside_rates = (qs, outside) if smallest >= 1e-300 else (qs * (1e-300 / smallest), outside * (1e-300 / smallest))
+    reach = reach_for(max(smallest, 1e-300))
     step = EXP_SINH_STEP
-    miss = _miss_by_quadrature(qs, outside, k, *exp_sinh_nodes(step, reach))  # [V] 1 - Q(prefix)
+    miss = _miss_by_quadrature(rates, outside_rates, k, *exp_sinh_nodes(step, reach))  # [V] 1 - Q(prefix)
     for _ in range(WOR_REFINEMENTS):
         # Halve the step until no prefix moves by WOR_TOLERANCE: where s is tiny the integrand
         # sits at t ~ 1/s, where the nodes are 2.4x apart at step 1/32 (s = 1e-12 was 1e-4 off).
         t_mid, w_mid = exp_sinh_nodes(step, reach, offset=step / 2)
-        finer = miss / 2 + _miss_by_quadrature(qs, outside, k, t_mid, w_mid / 2)
+        finer = miss / 2 + _miss_by_quadrature(rates, outside_rates, k, t_mid, w_mid / 2)
         moved = float((finer - miss).abs().max())
         miss, step = finer, step / 2
         if moved <= WOR_TOLERANCE:
@@ -141,7 +147,8 @@ def _miss_by_quadrature(qs: Tensor, outside: Tensor, k: int, t: Tensor, w: Tenso
     for start in range(0, t.shape[0], chunk):
         tc, wc = t[start : start + chunk, None], w[start : start + chunk, None]
         below = prefix_below_k(-torch.expm1(-tc * qs), k)  # [n, V]
-        miss += (wc * outside * torch.exp(-tc * outside) * below).sum(0)
+        # the density first: w * s overflows where t is huge and s is not (then e^{-st} = 0)
+        miss += (wc * (outside * torch.exp(-tc * outside)) * below).sum(0)
     return miss
 
 
@@ -155,7 +162,11 @@ def optimal_acceptance(p, q, k: int, replacement: bool = True):
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if not isinstance(replacement, bool):
+        raise ValueError(f"replacement must be True or False, got {replacement!r}")
     p_t = torch.as_tensor(p, dtype=torch.float64)
+    if p_t.dim() == 0 or p_t.shape[-1] == 0:
+        raise ValueError(f"p and q must be probability rows [..., V] with V >= 1, got shape {tuple(p_t.shape)}")
     q_t = torch.as_tensor(q, dtype=torch.float64)
     if p_t.shape != q_t.shape:
         raise ValueError(f"p and q must have the same shape, got {tuple(p_t.shape)} and {tuple(q_t.shape)}")
@@ -174,6 +185,18 @@ def optimal_acceptance(p, q, k: int, replacement: bool = True):
     return optimal_acceptance_wor(p_t, q_t, k)
 
 
+def _checked_rows(p, q, k: int) -> tuple[Tensor, Tensor]:
+    """p, q as 1-D float64 laws of one shape, and k an int >= 1, or ValueError naming them."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    p, q = as_distribution("p", p), as_distribution("q", q)
+    if p.shape != q.shape:
+        raise ValueError(f"p and q must have the same shape, got {tuple(p.shape)} and {tuple(q.shape)}")
+    for name, rows in (("p", p), ("q", q)):
+        check_distribution(name, rows.unsqueeze(0))
+    return p, q
+
+
 def optimal_acceptance_for_scheme(verifier: Verifier, p, q, k: int) -> float:
     """Best acceptance of any exact verifier that uses ``verifier``'s draft law (small V).
 
@@ -181,7 +204,7 @@ def optimal_acceptance_for_scheme(verifier: Verifier, p, q, k: int) -> float:
     sum of D over tuples whose token set is inside T, a subset-sum (zeta) transform over the
     bitmask of each tuple's token set.
     """
-    p, q = as_distribution("p", p), as_distribution("q", q)
+    p, q = _checked_rows(p, q, k)
     vocab = p.shape[0]
     if vocab > MAX_SUBSET_VOCAB:
         raise ValueError(
@@ -205,7 +228,7 @@ def optimal_acceptance_for_scheme(verifier: Verifier, p, q, k: int) -> float:
 
 def optimal_acceptance_bruteforce(p, q, k: int) -> float:
     """1 - max_T [q(T)**k - p(T)] by listing all token sets: the check for the fast version."""
-    p, q = as_distribution("p", p), as_distribution("q", q)
+    p, q = _checked_rows(p, q, k)
     best = 0.0
     for size in range(1, p.shape[0] + 1):
         for subset in itertools.combinations(range(p.shape[0]), size):
