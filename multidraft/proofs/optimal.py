@@ -175,6 +175,8 @@ def optimal_acceptance(p, q, k: int, replacement: bool = True):
         # a float32 tensor keeps its own sum tolerance
         checked = given if isinstance(given, Tensor) and given.dtype in SUM_TOLERANCE else rows
         check_distribution(name, checked.reshape(-1, checked.shape[-1]) if checked.dim() else checked.reshape(1, 1))
+    # rows within the tolerance are the laws p / sum(p), q / sum(q), as the verifiers take them
+    p_t, q_t = p_t / p_t.sum(-1, keepdim=True), q_t / q_t.sum(-1, keepdim=True)
     if replacement:
         value = optimal_acceptance_iid(p_t, q_t, k)
         return float(value) if value.dim() == 0 else value
