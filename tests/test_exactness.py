@@ -111,3 +111,14 @@ def test_closed_form_acceptance_matches_enumeration(name, case, k):
     closed = verifier.expected_acceptance(p.unsqueeze(0), q.unsqueeze(0), k)
     assert closed.shape == (1,)
     assert float(closed) == pytest.approx(md.proofs.acceptance_rate(verifier, p, q, k), abs=1e-10)
+
+
+def test_enumeration_takes_float32_rows_within_their_tolerance():
+    """output_distribution and acceptance_rate had refused a float32 row 5e-5 short of 1 (naming
+    the float64 tolerance) that every verifier accepts; they now take it as p / sum(p)."""
+    p, q = CASES["v6-dirichlet-a"]
+    p32, q32 = (p * (1 - 5e-5)).float(), q.float()
+    out = md.proofs.output_distribution(md.get_verifier("rrs"), p32, q32, 2)
+    torch.testing.assert_close(out, p32.double() / p32.double().sum(), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="the torch.float32 tolerance"):
+        md.proofs.output_distribution(md.get_verifier("rrs"), p32 * 0.99, q32, 2)

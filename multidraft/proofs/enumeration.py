@@ -14,18 +14,22 @@ import itertools
 import torch
 from torch import Tensor
 
-from ..verifiers.base import Verifier
+from ..verifiers.base import SUM_TOLERANCE, Verifier, check_distribution
 
 # V**k ordered tuples are enumerated; past this the enumeration is refused, not slow.
 MAX_TUPLES = 2_000_000
 
 
 def as_distribution(name: str, x) -> Tensor:
-    """A 1-D float64 CPU tensor from a list, numpy array or tensor."""
+    """A 1-D float64 CPU law from a list, numpy array or tensor: checked against its own dtype's
+    sum tolerance (a float32 row may be off from 1 by 1e-4, a float64 one by 1e-6), then divided
+    by its sum, which is the law the verifiers take such a row for."""
     t = torch.as_tensor(x, dtype=torch.float64).cpu()
     if t.dim() != 1:
         raise ValueError(f"{name} must be a single probability vector [V], got shape {tuple(t.shape)}")
-    return t
+    given = x if isinstance(x, Tensor) and x.dtype in SUM_TOLERANCE else t
+    check_distribution(name, given.detach().cpu().reshape(1, -1))
+    return t / t.sum()
 
 
 def all_tuples(vocab: int, k: int) -> Tensor:

@@ -191,11 +191,9 @@ def _checked_rows(p, q, k: int) -> tuple[Tensor, Tensor]:
     """p, q as 1-D float64 laws of one shape, and k an int >= 1, or ValueError naming them."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
-    p, q = as_distribution("p", p), as_distribution("q", q)
+    p, q = as_distribution("p", p), as_distribution("q", q)  # checked, and taken as laws
     if p.shape != q.shape:
         raise ValueError(f"p and q must have the same shape, got {tuple(p.shape)} and {tuple(q.shape)}")
-    for name, rows in (("p", p), ("q", q)):
-        check_distribution(name, rows.unsqueeze(0))
     return p, q
 
 
