@@ -122,3 +122,22 @@ def test_enumeration_takes_float32_rows_within_their_tolerance():
     torch.testing.assert_close(out, p32.double() / p32.double().sum(), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="the torch.float32 tolerance"):
         md.proofs.output_distribution(md.get_verifier("rrs"), p32 * 0.99, q32, 2)
+
+
+@pytest.mark.parametrize("name", ["rrs", "single", "optimal", "gls", "kseq"])
+def test_closed_form_acceptance_on_rows_off_by_the_tolerance(name):
+    """The closed form must agree with the kernel's law on drifted rows too: rrs and single,
+    which opt out of renormalizing (their kernels work from the rows' sums), read the raw rows
+    in expected_acceptance and were 6e-5 (k = 2) and 8e-5 (k = 1) off on float32 rows."""
+    p, q = CASES["v6-dirichlet-a"]
+    p, q = (p * (1 - 9e-5)).float(), (q * (1 + 9e-5)).float()
+    verifier = md.get_verifier(name)
+    k = supported_ks(verifier, q)[-1]
+    tuples = md.proofs.enumeration.all_tuples(q.shape[0], k)
+    prob = verifier.draft_probability(q.expand(len(tuples), -1), tuples).double()
+    tuples, prob = tuples[prob > 0], prob[prob > 0]
+    kernels = verifier.kernel(p.expand(len(tuples), -1), q.expand(len(tuples), -1), tuples).double()
+    on_draft = torch.zeros_like(kernels, dtype=torch.bool).scatter_(1, tuples, True)
+    enumerated = float(prob @ (kernels * on_draft).sum(dim=1))
+    closed = float(verifier.expected_acceptance(p.unsqueeze(0), q.unsqueeze(0), k))
+    assert abs(closed - enumerated) < 2e-6

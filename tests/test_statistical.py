@@ -107,3 +107,13 @@ def test_check_exactness_passes_rrs_and_fails_the_negative_control():
     assert not bad.passed
     assert any(r.kind == "enumeration" and not r.passed for r in bad.results)
     assert any(r.kind == "chi-square" and not r.passed for r in bad.results)
+
+
+def test_pooling_keeps_two_groups_when_samples_are_few():
+    """Pooling to 50 expected samples per group left one group below 100 samples, and a
+    chi-square of one group passes anything (99 of 99 samples on one of two even tokens had
+    p-value 1)."""
+    from multidraft.proofs.checks import chi_square
+
+    assert chi_square([0, 99], [0.5, 0.5])[2] < 1e-20
+    assert chi_square([50, 49], [0.5, 0.5])[2] > 0.5

@@ -47,12 +47,14 @@ def chi_square(counts, expected_probs) -> tuple[float, int, float]:
 
 def pooled(counts: np.ndarray, expected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The cells in ascending order of expectation, merged into consecutive groups that each
-    expect at least MIN_EXPECTED samples."""
+    expect at least MIN_EXPECTED samples, or half of all samples where there are too few for
+    two such groups (one group would test nothing: p-value 1 whatever the counts)."""
+    least = min(MIN_EXPECTED, float(expected.sum()) / 2)
     order = np.argsort(expected, kind="stable")
     group_counts, group_expected, count, mass = [], [], 0.0, 0.0
     for c, e in zip(counts[order], expected[order]):
         count, mass = count + c, mass + e
-        if mass >= MIN_EXPECTED:
+        if mass >= least:
             group_counts.append(count)
             group_expected.append(mass)
             count = mass = 0.0
