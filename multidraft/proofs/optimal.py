@@ -180,7 +180,8 @@ def optimal_acceptance(p, q, k: int, replacement: bool = True):
     if replacement:
         value = optimal_acceptance_iid(p_t, q_t, k)
         return float(value) if value.dim() == 0 else value
-    p_t, q_t = as_distribution("p", p_t), as_distribution("q", q_t)
+    if p_t.dim() != 1:  # already checked and normalized above: only the shape is left to check
+        raise ValueError(f"p must be a single probability vector [V], got shape {tuple(p_t.shape)}")
     support = int((q_t > 0).sum())
     if k > support:
         raise ValueError(f"k = {k} drafts without replacement need k tokens with q > 0; q has {support}")

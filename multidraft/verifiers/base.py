@@ -62,10 +62,11 @@ class Verifier:
     iid_drafts: ClassVar[bool] = True  # True: draft() is k i.i.d. samples from q
 
     exact_acceptance: ClassVar[bool] = False  # True: expected_acceptance() has a closed form
-    # True: the algorithm reads p and q as exact distributions, so rows that pass validation
-    # while off from 1 by up to SUM_TOLERANCE are divided by their sums before it sees them
-    # (without that the output law was off by as much); False: it works from the sums itself
-    # and spares the pass.  True by default, the safe side for a verifier that does not say.
+    # True: the kernel and verify read p and q as exact distributions, so rows that pass
+    # validation while off from 1 by up to SUM_TOLERANCE are divided by their sums before they
+    # see them (without that the output law was off by as much); False: they work from the sums
+    # themselves and spare the pass.  True by default, the safe side for a verifier that does not
+    # say.  expected_acceptance (closed forms, off the hot path) always gets normalized rows.
     needs_exact_sums: ClassVar[bool] = True
 
     _default_validate_args: ClassVar[bool] = True
@@ -141,9 +142,7 @@ class Verifier:
             if p.shape != q.shape:
                 raise ValueError(f"p and q must have the same shape [B, V], got {tuple(p.shape)} and {tuple(q.shape)}")
             self.check_num_drafts(k, q)
-        if self.needs_exact_sums:
-            p, q = as_distribution(p), as_distribution(q)
-        return self._expected_acceptance(p, q, k)
+        return self._expected_acceptance(as_distribution(p), as_distribution(q), k)
 
     # ---- what subclasses implement ----------------------------------------------------
 

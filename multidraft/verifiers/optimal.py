@@ -262,7 +262,7 @@ def _deficits(room: Tensor, starts: Tensor, in_h: Tensor, in_t: Tensor) -> Tenso
     cut was decided by rounding (values tied to the last bit) it can be < 0: the group's
     targets exceed what its levels can win, the group runs out, and a deficit clamped at 0
     there would leave every later position of the block in the same debt, each ending a group
-    at once (a scale ratio of e^-40 per position, the floor after 15).  So the debt is written
+    at once (a scale ratio of e^-40 per position, where the ideal race has none).  So the debt is written
     off where it arises: each room is raised by the largest shortfall so far at the block's
     solving positions, as the fused kernel does (0 with the exact cut: nothing changes).
     """

@@ -298,7 +298,7 @@ def plan_positions(p, q, p_total, q_total, k, work):
     # 1. The optimal cut T* = {positions >= cut}: the largest T maximizing q(T)^k - p(T).
     # Suffix sums run from the bottom, so that small sums keep their relative precision.  Sets
     # are compared by ``gain``, the value of {positions >= i} less that of the best set so far,
-    # summed from each token's own change (see optimal.cut_gains): a token far below the
+    # summed from each token's own change (as optimal.optimal_cut): a token far below the
     # rounding of q(T)^k - p(T) would otherwise tie, and join T* even where it loses.
     q_below = work[5, : vocab + 1]  # q-mass of positions >= i
     q_below[vocab] = 0.0

@@ -22,7 +22,6 @@ from torch import Tensor
 from .base import (
     Verdict,
     Verifier,
-    as_distribution,
     first_match,
     register_verifier,
     sample_categorical,
@@ -170,9 +169,7 @@ class RecursiveRejection(Verifier):
         return sample_categorical(q, k, generator)  # [B, k]
 
     def _expected_acceptance(self, p, q, k):
-        # Averaged over i.i.d. drafts, all k are rejected with probability m_k (docs/verifiers/rrs.md);
-        # the closed form reads the rows as laws, so they are made so (the kernel works from sums)
-        p, q = as_distribution(p), as_distribution(q)
+        # Averaged over i.i.d. drafts, all k are rejected with probability m_k (docs/verifiers/rrs.md).
         c = torch.zeros_like(p[:, :1])
         m = p.sum(dim=-1, keepdim=True)
         for _ in range(k):
