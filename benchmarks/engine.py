@@ -38,7 +38,8 @@ from multidraft.engine.shape import ShapePolicy, forward_ms, time_shapes
 CONFIGS = [("single", dict(num_drafts=1, depth=4)), ("rrs", dict(num_drafts=2, depth=4)), ("rrs-wor", dict(num_drafts=2, depth=4)),
            ("kseq", dict(num_drafts=2, depth=4)), ("importance", dict(num_drafts=2, depth=4)), ("spechub", dict(num_drafts=2, depth=1)),
            ("rrs-wor", dict(num_drafts=4, depth=3)), ("spechub", dict(widths=(2, 2, 2))), ("rrs-wor", dict(widths=(4, 2, 1, 1))),
-           ("rrs", dict(num_drafts=2, depth=4, draft2="bigram")), ("single", dict(num_drafts=1, depth=6, draft2="bigram"))]
+           ("rrs", dict(num_drafts=2, depth=4, draft2="bigram")), ("single", dict(num_drafts=1, depth=6, draft2="bigram")),
+           ("rrs-wor", dict(widths=(4, 2, 1, 1), draft2="bigram"))]
 
 
 # The adaptive run compares its choice with these fixed (k, D), all timed alternately in the same run.

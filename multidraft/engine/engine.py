@@ -127,6 +127,21 @@ def drafts_within_support(verifier: Verifier, q: Tensor, width: int) -> Tensor:
     return torch.arange(width, device=q.device) < (q > 0).sum(dim=-1, keepdim=True)
 
 
+def draw_children(verifier, sampling, random: RequestRandom, node_logits: Tensor, q_nodes: Tensor,
+                  width: int) -> tuple[Tensor, Tensor]:
+    """``width`` children for each of n nodes (logits, q [B, n, V]) -> (tokens, real) [B, n * width],
+    by the verifier's own scheme.  Greedy decoding verifies by matching the target's argmax, so
+    any drafts are exact: the draft's ``width`` most likely tokens give distinct chances."""
+    bsz, vocab = q_nodes.shape[0], q_nodes.shape[-1]
+    if sampling.greedy:
+        tokens = greedy_roots(node_logits.reshape(-1, vocab), width).view(bsz, -1)
+        return tokens, torch.ones_like(tokens, dtype=torch.bool)
+    every = torch.arange(bsz, device=q_nodes.device)
+    tokens = random.draw(lambda q, g: draft_within_support(verifier, q.reshape(-1, vocab), width, g).view(q.shape[0], -1),
+                         every, q_nodes)
+    return tokens, drafts_within_support(verifier, q_nodes.reshape(-1, vocab), width).view(bsz, -1)
+
+
 class DraftTree(NamedTuple):
     """A drafted round: what the target pass, the walk and the draft's commit need."""
 
@@ -151,22 +166,9 @@ def draft_tree(draft, cache, seq, seq_len, verifier, k, depth, sampling, random:
     root_logits = logits.gather(1, last)  # [B, 1, V]
     q_root = logits_to_probs(root_logits, sampling)  # [B, 1, V]
     every = torch.arange(seq.shape[0], device=seq.device)  # [B]
-
-    def children(node_logits: Tensor, q_nodes: Tensor, width: int) -> tuple[Tensor, Tensor]:
-        """``width`` children for each of n nodes [B, n] -> (tokens, real) [B, n * width], by the
-        verifier's own scheme.  Greedy decoding verifies by matching the target's argmax, so
-        any drafts are exact: the draft's ``width`` most likely tokens give distinct chances."""
-        bsz = seq.shape[0]
-        if sampling.greedy:
-            tokens = greedy_roots(node_logits.reshape(-1, vocab), width).view(bsz, -1)
-            return tokens, torch.ones_like(tokens, dtype=torch.bool)
-        tokens = random.draw(lambda q, g: draft_within_support(verifier, q.reshape(-1, vocab), width, g).view(q.shape[0], -1),
-                             every, q_nodes)
-        return tokens, drafts_within_support(verifier, q_nodes.reshape(-1, vocab), width).view(bsz, -1)
-
     spans = subtree_spans(widths) if widths else None
     shape_canon = branching_canon(widths, seq.shape[0], seq.device) if widths else None
-    first, paths = children(root_logits, q_root, widths[0] if widths else k)  # [B, widths[0] or k]
+    first, paths = draw_children(verifier, sampling, random, root_logits, q_root, widths[0] if widths else k)  # [B, widths[0] or k]
     if widths:
         first, paths = first.repeat_interleave(spans[0], dim=1), paths.repeat_interleave(spans[0], dim=1)
     x = [first]  # D tensors [B, k]
@@ -182,7 +184,7 @@ def draft_tree(draft, cache, seq, seq_len, verifier, k, depth, sampling, random:
             logits = model_forward(draft, cache, x[-1][:, heads], pos, rows)  # [B, n, V]
             q_nodes = logits_to_probs(logits, sampling)  # [B, n, V]
             q_seq = q_nodes.repeat_interleave(spans[level - 1], dim=1)  # [B, k, V] each path's node
-            new, real = children(logits, q_nodes, widths[level])  # every node draws its own children
+            new, real = draw_children(verifier, sampling, random, logits, q_nodes, widths[level])  # every node draws its own children
             new = new.repeat_interleave(spans[level], dim=1)
             paths = paths & real.repeat_interleave(spans[level], dim=1)  # a spare child's subtree carries no drafts
         else:
@@ -261,106 +263,167 @@ class StagedRound(NamedTuple):
     count2: Tensor  # [B]
     offsets: Tensor  # [B, k, D+1] round-local slot of the draft's K/V for each path's token at each depth (last: spare)
     offsets2: Tensor  # [B, k, D+1] the same for draft2
+    levels2: int  # depths whose tokens draft2 holds K/V for on every path (a branching depth's tokens wait for a chain)
     passes: int  # draft forwards
     passes2: int  # draft2 forwards
 
 
-def draft_tree_staged(draft, draft2, cache, cache2, seq, seq_len, verifier, k, depth, sampling, random: RequestRandom):
-    """``draft_tree`` for drafted sequences, with the draft's own sampling sped up by a second,
-    smaller draft model (Spector & Re 2023, staged speculative decoding).
+def chain_runs(widths, depth: int) -> list[tuple[int, int]]:
+    """The depths [start, end) a second draft speeds up: drafted sequences (``widths`` None) are
+    one run over depths 1 .. D-1; a branching tree has one run per maximal stretch of width-1
+    depths below the root, where every node has a single child, drawn from q at the node."""
+    if widths is None:
+        return [(1, depth)] if depth > 1 else []
+    runs, level = [], 1
+    while level < depth:
+        if widths[level] == 1:
+            end = level
+            while end < depth and widths[end] == 1:
+                end += 1
+            runs.append((level, end))
+            level = end
+        else:
+            level += 1
+    return runs
 
-    The first level is the verifier's scheme from q at the root, as without draft2.  Then, until
-    every sequence has ``depth`` tokens: draft2 proposes the rest of each sequence token by token
-    (its law r), the draft scores each sequence's last token and the proposals in one forward,
-    and single-draft speculative sampling keeps a prefix of the proposals and replaces the first
-    refused one (``speculate_chain``).  Each sequence is then an exact autoregressive sample from
-    the draft, the sequences independent given the first level: the same law as ``draft_tree``'s,
-    so the walk's argument is unchanged (docs/engine.md).  Each round ends with at least one new
-    token per unfinished sequence.
 
-    Each model's K/V for a sequence's token at depth l sits wherever that token was fed
-    (``offsets``); the commit keeps the accepted path from there, as it does from the fixed
-    layout without draft2.  Returns a ``DraftTree`` and a ``StagedRound``.
+def draft_tree_staged(draft, draft2, cache, cache2, seq, seq_len, verifier, k, depth, sampling, random: RequestRandom,
+                      widths=None):
+    """``draft_tree``, with the draft's own sampling along chains sped up by a second, smaller
+    draft model (Spector & Re 2023, staged speculative decoding).
+
+    A chain is a stretch of depths where each node has one child drawn from q at the node:
+    every drafted sequence below its first token, and a branching tree's width-1 depths
+    (``chain_runs``).  Along a chain, until it is complete: draft2 proposes the rest token by
+    token (its law r), the draft scores the chain's last known token and the proposals in one
+    forward, and single-draft speculative sampling keeps a prefix of the proposals and replaces
+    the first refused one (``speculate_chain``).  Each chain token then has the draft's
+    autoregressive law, with fresh randomness per chain: the same law as ``draft_tree``'s, so
+    the walk's argument is unchanged (docs/engine.md).  The root's children and a branching
+    depth's children are drawn by the verifier's scheme from q at their node, as without draft2
+    (one draft forward per branching depth, over its nodes).
+
+    Each model's K/V for a path's token at depth l sits wherever that token was fed (``offsets``,
+    the same slot for every path through the node); the commit keeps the accepted path from
+    there, as it does from the fixed layout without draft2.  Returns a ``DraftTree`` and a
+    ``StagedRound``.
     """
     bsz, device = seq.shape[0], seq.device
-    every = torch.arange(bsz, device=device)
     ids, pos, valid, count = pending_tokens(seq, seq_len, cache.lens)  # [B, P]
     logits = model_forward(draft, cache, ids, pos, pending_rows(valid))  # [B, P, V]
     vocab = logits.shape[-1]
-    root_logits = logits.gather(1, (count - 1).view(-1, 1, 1).expand(-1, 1, vocab)).squeeze(1)  # [B, V]
-    q_root = logits_to_probs(root_logits, sampling)  # [B, V]
+    root_logits = logits.gather(1, (count - 1).view(-1, 1, 1).expand(-1, 1, vocab))  # [B, 1, V]
+    q_root = logits_to_probs(root_logits, sampling)  # [B, 1, V]
     ids2, pos2, valid2, count2 = pending_tokens(seq, seq_len, cache2.lens)
     model_forward(draft2, cache2, ids2, pos2, pending_rows(valid2))
     passes, passes2 = 1, 1
+    spans = subtree_spans(widths) if widths else [1] * depth  # paths through one node at each depth
 
     # Per path and depth, with a spare last depth column that absorbs the writes past a chain.
     x = torch.zeros(bsz, k, depth + 1, dtype=torch.long, device=device)  # [B, k, D+1] tokens
     q_paths = torch.zeros(bsz, k, depth + 1, vocab, dtype=q_root.dtype, device=device)  # [B, k, D+1, V] q before each token
-    q_paths[:, :, 0] = q_root.unsqueeze(1)
-    if sampling.greedy:
-        x[:, :, 0] = greedy_roots(root_logits, k)
-        paths = torch.ones(bsz, k, dtype=torch.bool, device=device)
-    else:
-        x[:, :, 0] = random.draw(lambda q, g: draft_within_support(verifier, q, k, g), every, q_root)
-        paths = drafts_within_support(verifier, q_root, k)
-    filled = torch.ones(bsz, k, dtype=torch.long, device=device)  # [B, k] tokens known
+    q_paths[:, :, 0] = q_root
+    first, paths = draw_children(verifier, sampling, random, root_logits, q_root, widths[0] if widths else k)
+    x[:, :, 0], paths = first.repeat_interleave(spans[0], dim=1), paths.repeat_interleave(spans[0], dim=1)
     offsets = torch.zeros(bsz, k, depth + 1, dtype=torch.long, device=device)  # the draft's slot per token
     offsets2 = torch.zeros_like(offsets)  # draft2's
-    level_pos = seq_len.view(bsz, 1, 1) + torch.arange(depth, device=device)  # [B, 1, D] position by depth
 
-    def feed(model, model_cache, model_offsets, model_valid, tokens, depth_index, real):
-        """One forward of tokens [B, k, T] at depths depth_index [B, k, T]; logits [B, k, T, V]."""
-        t = tokens.shape[2]
-        slots = model_cache.used + torch.arange(k * t, device=device).view(1, k, t)  # [1, k, T]
+    def feed(model, model_cache, model_offsets, model_valid, span, tokens, depth_index, real):
+        """One forward of tokens [B, n, T] of the n nodes' chains (each node the head of ``span``
+        paths) at depths depth_index [B, n, T]; logits [B, n, T, V]."""
+        n, t = tokens.shape[1:]
+        slots = (model_cache.used + torch.arange(n * t, device=device).view(1, n, t)).expand(bsz, -1, -1)  # [B, n, T]
         at = torch.where(real, depth_index, depth)  # padding writes to the spare depth column
-        model_offsets.scatter_(2, at, slots.expand(bsz, -1, -1))
-        rows = chain_rows(model_valid, model_offsets, depth_index, real, model_cache.used)
-        pos = torch.where(real, level_pos.expand(-1, k, -1).gather(2, depth_index.clamp(max=depth - 1)), 0)
-        out = model_forward(model, model_cache, tokens.reshape(bsz, k * t), pos.reshape(bsz, k * t), rows)
-        return out.view(bsz, k, t, vocab)
+        model_offsets.scatter_(2, at.repeat_interleave(span, dim=1), slots.repeat_interleave(span, dim=1))
+        rows = chain_rows(model_valid, model_offsets[:, ::span], depth_index, real, model_cache.used)
+        pos = torch.where(real, seq_len.view(bsz, 1, 1) + depth_index, 0)
+        out = model_forward(model, model_cache, tokens.reshape(bsz, n * t), pos.reshape(bsz, n * t), rows)
+        return out.view(bsz, n, t, vocab)
 
-    while True:
-        need = depth - filled  # [B, k] proposals each sequence still needs
-        own = need.amax(dim=1)  # [B] per request: random draws only for what a request needs
-        t = int(own.max())
-        if t == 0:
-            break
-        steps = torch.arange(t, device=device)  # [T]
-        depth_index = (filled - 1).unsqueeze(-1) + steps  # [B, k, T]: x_f, then the proposals
-        real = steps < need.unsqueeze(-1)  # [B, k, T]
-        # draft2 proposes token by token: feed the last known token, then each proposal.
-        proposals = torch.zeros(bsz, k, t, dtype=torch.long, device=device)
-        r_chain = torch.zeros(bsz, k, t, vocab, dtype=q_root.dtype, device=device)
-        last = x.gather(2, (filled - 1).unsqueeze(-1))  # [B, k, 1]
-        for step in range(t):
-            r_logits = feed(draft2, cache2, offsets2, valid2, last, depth_index[..., step : step + 1], real[..., step : step + 1])
-            r = logits_to_probs(r_logits.squeeze(2), sampling).to(q_root.dtype)  # [B, k, V]
-            last = r.argmax(dim=-1, keepdim=True)  # [B, k, 1]; greedy, and a filler where no proposal is needed
-            if not sampling.greedy:
-                movers = (own > step).nonzero().squeeze(1)
-                last[movers] = random.draw(lambda r_, g: sample_categorical(r_.reshape(-1, vocab), 1, g).view(-1, k, 1), movers, r[movers])
-            proposals[..., step : step + 1] = last
-            r_chain[:, :, step] = r
-            passes2 += 1
-        # The draft scores the last known token and all proposals but the final one at once.
-        chain = torch.cat([x.gather(2, (filled - 1).unsqueeze(-1)), proposals[..., : t - 1]], dim=2)  # [B, k, T]
-        q_chain = logits_to_probs(feed(draft, cache, offsets, valid, chain, depth_index, real), sampling)  # [B, k, T, V]
+    def chains(start: int, end: int, seen2: int) -> None:
+        """Depths [start, end) of the chains under each node at depth ``start``; draft2 holds
+        K/V for depths < seen2 and catches up on the rest with its first forward."""
+        nonlocal passes, passes2
+        span = spans[start - 1]
+        n = k // span
+        hx, hq = x[:, ::span], q_paths[:, ::span]  # views: one head path per chain
+        filled = torch.full((bsz, n), start, dtype=torch.long, device=device)  # [B, n] tokens known
+        catch_up = True
+        while True:
+            need = end - filled  # [B, n] proposals each chain still needs
+            own = need.amax(dim=1)  # [B] per request: random draws only for what a request needs
+            t = int(own.max())
+            if t == 0:
+                break
+            steps = torch.arange(t, device=device)  # [T]
+            depth_index = (filled - 1).unsqueeze(-1) + steps  # [B, n, T]: x_f, then the proposals
+            real = steps < need.unsqueeze(-1)  # [B, n, T]
+            # draft2 proposes token by token: feed the last known token, then each proposal.
+            proposals = torch.zeros(bsz, n, t, dtype=torch.long, device=device)
+            r_chain = torch.zeros(bsz, n, t, vocab, dtype=q_root.dtype, device=device)
+            last = hx.gather(2, (filled - 1).unsqueeze(-1))  # [B, n, 1]
+            for step in range(t):
+                if catch_up and start - 1 > seen2:  # with the branching depths' tokens it has not seen
+                    behind = torch.arange(seen2, start, device=device).expand(bsz, n, -1)  # [B, n, c]
+                    r_logits = feed(draft2, cache2, offsets2, valid2, span, hx[:, :, seen2:start], behind,
+                                    torch.ones_like(behind, dtype=torch.bool))[:, :, -1:]
+                else:
+                    r_logits = feed(draft2, cache2, offsets2, valid2, span, last, depth_index[..., step : step + 1],
+                                    real[..., step : step + 1])
+                catch_up = False
+                r = logits_to_probs(r_logits.squeeze(2), sampling).to(q_root.dtype)  # [B, n, V]
+                last = r.argmax(dim=-1, keepdim=True)  # [B, n, 1]; greedy, and a filler where no proposal is needed
+                if not sampling.greedy:
+                    movers = (own > step).nonzero().squeeze(1)
+                    last[movers] = random.draw(lambda r_, g: sample_categorical(r_.reshape(-1, vocab), 1, g).view(-1, n, 1),
+                                               movers, r[movers])
+                proposals[..., step : step + 1] = last
+                r_chain[:, :, step] = r
+                passes2 += 1
+            # The draft scores the last known token and all proposals but the final one at once.
+            chain = torch.cat([hx.gather(2, (filled - 1).unsqueeze(-1)), proposals[..., : t - 1]], dim=2)  # [B, n, T]
+            q_chain = logits_to_probs(feed(draft, cache, offsets, valid, span, chain, depth_index, real), sampling)  # [B, n, T, V]
+            passes += 1
+            movers = (own > 0).nonzero().squeeze(1)
+            kept, fix = torch.zeros_like(need), torch.zeros_like(need)  # [B, n]
+            kept[movers], fix[movers] = random.draw(speculate_chain, movers, q_chain[movers], r_chain[movers],
+                                                    proposals[movers], need[movers]).unbind(-1)
+            # Write the kept proposals, the replacement, and q at every position now known.
+            new_tokens = torch.where(steps < kept.unsqueeze(-1), proposals, fix.unsqueeze(-1))  # [B, n, T]
+            write = steps <= kept.unsqueeze(-1)  # kept proposals and the replacement ...
+            write &= real  # ... within the chain (all kept: no replacement)
+            at = torch.where(write, filled.unsqueeze(-1) + steps, depth)  # depth: the spare column
+            hx.scatter_(2, at, new_tokens)
+            hq.scatter_(2, at.unsqueeze(-1).expand(-1, -1, -1, vocab), q_chain)
+            filled = filled + torch.minimum(kept + 1, need)
+        # every path through a chain's head carries the chain
+        x[:, :, start:end] = hx[:, :, start:end].repeat_interleave(span, dim=1)
+        q_paths[:, :, start:end] = hq[:, :, start:end].repeat_interleave(span, dim=1)
+
+    runs = dict(chain_runs(widths, depth))
+    seen2, level = 0, 1
+    while level < depth:
+        if level in runs:
+            chains(level, runs[level], seen2)
+            # a chain's last token is never fed to draft2 (nor to the draft): it waits for the next depth's forward
+            seen2, level = runs[level] - 1, runs[level]
+            continue
+        # A branching depth: the draft scores the nodes at this depth, which draw their children.
+        span = spans[level - 1]
+        n = k // span
+        node_logits = feed(draft, cache, offsets, valid, span, x[:, ::span, level - 1 : level],
+                           torch.full((bsz, n, 1), level - 1, device=device), torch.ones(bsz, n, 1, dtype=torch.bool, device=device))
         passes += 1
-        movers = (own > 0).nonzero().squeeze(1)
-        kept, fix = torch.zeros_like(need), torch.zeros_like(need)  # [B, k]
-        kept[movers], fix[movers] = random.draw(speculate_chain, movers, q_chain[movers], r_chain[movers], proposals[movers],
-                                                need[movers]).unbind(-1)
-        # Write the kept proposals, the replacement, and q at every position now known.
-        new_tokens = torch.where(steps < kept.unsqueeze(-1), proposals, fix.unsqueeze(-1))  # [B, k, T]
-        write = steps <= kept.unsqueeze(-1)  # kept proposals and the replacement ...
-        write &= real  # ... within the chain (all kept: no replacement)
-        at = torch.where(write, filled.unsqueeze(-1) + steps, depth)  # depth: the spare column
-        x.scatter_(2, at, new_tokens)
-        q_paths.scatter_(2, at.unsqueeze(-1).expand(-1, -1, -1, vocab), q_chain)
-        filled = filled + torch.minimum(kept + 1, need)
+        q_nodes = logits_to_probs(node_logits.squeeze(2), sampling)  # [B, n, V]
+        q_paths[:, :, level] = q_nodes.repeat_interleave(span, dim=1)
+        new, real = draw_children(verifier, sampling, random, node_logits.squeeze(2), q_nodes, widths[level])
+        x[:, :, level] = new.repeat_interleave(spans[level], dim=1)
+        paths = paths & real.repeat_interleave(spans[level], dim=1)  # a spare child's subtree carries no drafts
+        level += 1
     x = x[..., :depth]
-    tree = DraftTree(x, q_paths[:, :, :depth].transpose(1, 2).contiguous(), prefix_groups(x), paths, valid, count)
-    return tree, StagedRound(valid2, count2, offsets, offsets2, passes, passes2)
+    canon = branching_canon(widths, bsz, device) if widths else prefix_groups(x)
+    tree = DraftTree(x, q_paths[:, :, :depth].transpose(1, 2).contiguous(), canon, paths, valid, count)
+    return tree, StagedRound(valid2, count2, offsets, offsets2, seen2, passes, passes2)
 
 
 # ---- 2. score ------------------------------------------------------------------------------
@@ -636,6 +699,18 @@ def check_deep_tree_support(verifier: Verifier, depth: int) -> None:
     )
 
 
+def check_staged_tree(verifier: Verifier, widths: tuple[int, ...]) -> None:
+    """Staged drafting speeds up a branching tree's chains (width-1 depths below the root) by
+    drawing each chain token from q through draft2's proposals: exact only where the verifier's
+    one-draft scheme is a plain draw from q.  Raise unless the tree has a chain and it is."""
+    if not chain_runs(widths, len(widths)):
+        raise ValueError(f"draft2 (staged drafting) speeds up the chains of a tree, its depths of width 1 below the root; "
+                         f"widths {widths} have none, so draft2 would never run")
+    if not (verifier.iid_drafts or one_draft_is_a_plain_draw(verifier)):
+        raise ValueError(f"draft2 draws a chain's tokens from q, but verifier {verifier.name!r} does not draft one token "
+                         f"as a plain draw from q, so its width-1 depths cannot be staged")
+
+
 # Paths (root-to-leaf) a branching tree may have, and draft sequences: every depth holds that
 # many slots.  Trees this large or deeper than MAX_DEPTH are far past any useful shape, and the
 # caches they would allocate (k * D slots per request) could exhaust memory without an error.
@@ -741,8 +816,6 @@ class Engine:
             v_draft2 = _check_vocab("draft2", draft2)
             if v_draft2 != v_draft:
                 raise ValueError(f"draft2 must share the draft's vocabulary, got V = {v_draft2} (draft2) and V = {v_draft} (draft)")
-            if widths is not None:
-                raise ValueError("draft2 (staged drafting) extends drafted sequences; give num_drafts/depth, not widths")
         if widths is not None and (num_drafts is not None or depth is not None):
             raise ValueError(f"give either widths (a branching tree) or num_drafts/depth (drafted sequences), "
                              f"got widths={widths!r}, num_drafts={num_drafts!r}, depth={depth!r}")
@@ -767,6 +840,8 @@ class Engine:
         if widths is not None:
             self.widths = check_widths(v, widths)
             num_drafts, depth = subtree_spans(self.widths)[0] * self.widths[0], len(self.widths)
+            if draft2 is not None:
+                check_staged_tree(v, self.widths)
         else:
             self.widths = None
             check_width(v, "num_drafts", num_drafts)
@@ -824,13 +899,14 @@ class Engine:
         # stay within Tmax + n + depth; a forward also needs room for the pending tokens (<= 2
         # after the first round; after plain steps the draft's pending tokens are tokens it has
         # not cached, so its cache still holds at most the sequence) and the depth * k tree
-        # slots.  Staged drafting writes at most k (depth - 1) slots in each of at most depth - 1
-        # speculation steps.
+        # slots.  Staged drafting feeds at most k chains per forward; a chain of L depths takes
+        # at most L + (L - 1) + ... + 1 slots over its speculation steps, and draft2 catches up on
+        # at most depth tokens per chain in a round: within k * depth * (depth + 1) slots.
         t_max = prompts.shape[1]
         # a node at depth l + 1 sits at position seq_len + l, seq_len <= t_max + n - 1
         check_positions({"target": self.target, "draft": self.draft, "draft2": self.draft2}, t_max + n + depth - 1)
         max_len = t_max + n + depth + 2 + depth * k
-        staged_len = t_max + n + 2 * depth + 3 + k * depth * depth
+        staged_len = t_max + n + 2 * depth + 3 + k * depth * (depth + 1)
         target_cache = self.target.new_cache(bsz, max_len, device)
         draft_cache = self.draft.new_cache(bsz, staged_len if self.draft2 is not None else max_len, device)
         draft2_cache = self.draft2.new_cache(bsz, staged_len, device) if self.draft2 is not None else None
@@ -911,7 +987,7 @@ class Engine:
             passes, passes2 = depth, 0
         else:
             tree, staged = draft_tree_staged(self.draft, self.draft2, draft_cache, draft2_cache, seq, seq_len, verifier, k,
-                                             depth, sampling, random)
+                                             depth, sampling, random, self.widths)
             passes, passes2 = staged.passes, staged.passes2
         x, d_valid, d_count = tree.x, tree.valid, tree.count
         p_levels, t_valid, t_count = score_tree(self.target, target_cache, seq, seq_len, x, tree.canon, sampling, nodes)
@@ -924,7 +1000,9 @@ class Engine:
         else:  # the node at depth l + 1 is its first sequence's token at l, wherever that was fed
             on_path = path[:, : depth - 1].unsqueeze(1)  # [B, 1, D-1]
             commit_round(draft_cache, d_count, d_valid.shape[1], staged.offsets.gather(1, on_path).squeeze(1), accepted, active)
-            commit_round(draft2_cache, staged.count2, staged.valid2.shape[1], staged.offsets2.gather(1, on_path).squeeze(1), accepted, active)
+            on_path2 = on_path[..., : staged.levels2]  # draft2 was fed these depths' tokens
+            commit_round(draft2_cache, staged.count2, staged.valid2.shape[1], staged.offsets2.gather(1, on_path2).squeeze(1),
+                         accepted, active)
         return emitted, accepted, passes, passes2
 
 

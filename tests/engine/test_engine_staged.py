@@ -28,16 +28,17 @@ def tables(zero_prob=0.0):
             TableModel.random(VOCAB, 2, seed=13))
 
 
-def staged_round(draft, draft2, prompts, k, depth, seed, verifier="rrs", sampling=SamplingConfig()):
-    """One staged drafting round from fresh caches: (x [B, k, D], q_levels [B, D, k, V], passes)."""
+def staged_round(draft, draft2, prompts, k, depth, seed, verifier="rrs", sampling=SamplingConfig(), widths=None):
+    """One staged drafting round from fresh caches: (x [B, k, D], q_levels [B, D, k, V], canon, passes, passes2).
+    With ``widths``, k and depth are the branching tree's paths and depth."""
     prompts = torch.as_tensor(prompts)
     bsz, t = prompts.shape
     seq = torch.cat([prompts, torch.zeros(bsz, depth + 2, dtype=torch.long)], dim=1)
     seq_len = torch.full((bsz,), t)
-    size = t + 3 * depth + 3 + k * depth * depth
+    size = t + 2 * depth + 3 + k * depth * (depth + 1)  # the engine's bound
     cache, cache2 = draft.new_cache(bsz, size), draft2.new_cache(bsz, size)
     out = draft_tree_staged(draft, draft2, cache, cache2, seq, seq_len, get_verifier(verifier), k, depth,
-                            sampling, RequestRandom("cpu", seed, bsz))
+                            sampling, RequestRandom("cpu", seed, bsz), widths)
     tree, staged = out
     return tree.x, tree.q_levels, tree.canon, staged.passes, staged.passes2
 
@@ -138,7 +139,7 @@ def test_draft2_errors():
     target, draft, _ = tables()
     with pytest.raises(ValueError, match="draft2 must share the draft's vocabulary, got V = 5 \\(draft2\\) and V = 4 \\(draft\\)"):
         Engine(target, draft, draft2=TableModel.random(5, 2, seed=0))
-    with pytest.raises(ValueError, match="draft2 .staged drafting. extends drafted sequences"):
+    with pytest.raises(ValueError, match="widths \\(2, 2\\) have none, so draft2 would never run"):
         Engine(target, draft, widths=(2, 2), draft2=TableModel.random(4, 2, seed=0))
     with pytest.raises(ValueError, match="the draft2 must have an int attribute vocab_size"):
         Engine(target, draft, draft2=object())
@@ -156,8 +157,8 @@ def test_staged_caches_stay_right_across_rounds(monkeypatch):
     real = engine_module.draft_tree_staged
     checked = []
 
-    def checking(draft_model, draft2_model, cache, cache2, seq, seq_len, verifier, k, depth, sampling, random):
-        out = real(draft_model, draft2_model, cache, cache2, seq, seq_len, verifier, k, depth, sampling, random)
+    def checking(draft_model, draft2_model, cache, cache2, seq, seq_len, verifier, k, depth, sampling, random, widths=None):
+        out = real(draft_model, draft2_model, cache, cache2, seq, seq_len, verifier, k, depth, sampling, random, widths)
         x, q_levels = out[0].x, out[0].q_levels
         for b in range(seq.shape[0]):
             prefix = seq[b, : int(seq_len[b])].tolist()
@@ -169,6 +170,104 @@ def test_staged_caches_stay_right_across_rounds(monkeypatch):
         return out
 
     monkeypatch.setattr(engine_module, "draft_tree_staged", checking)
-    engine = Engine(target, draft, verifier="rrs", num_drafts=3, depth=4, device="cpu", draft2=draft2)
-    engine.generate([[1, 2, 3], [0], [3, 3]], max_new_tokens=20, seed=3)
-    assert len(checked) >= 5
+    shapes = [{"num_drafts": 3, "depth": 4}, {"widths": (2, 1, 2, 1)}, {"widths": (1, 2, 1, 1)}]
+    for shape in shapes:
+        engine = Engine(target, draft, verifier="rrs", device="cpu", draft2=draft2, **shape)
+        engine.generate([[1, 2, 3], [0], [3, 3]], max_new_tokens=20, seed=3)
+    assert len(checked) >= 5 * len(shapes)
+
+
+# ---- branching trees: draft2 speeds up their chains (width-1 depths below the root) ----------
+
+BRANCHING = [(2, 1, 1), (1, 2, 1), (2, 1, 2, 1), (3, 2, 1, 1)]
+
+
+@pytest.mark.parametrize("widths", BRANCHING)
+def test_staged_branching_q_equals_a_fresh_draft_forward(widths):
+    """Every path of a staged branching tree holds its nodes' tokens (paths through one node
+    agree), and q at every node, read through the chained and caught-up cache slots of both
+    drafts, equals a fresh causal forward of the draft over the node's prefix."""
+    from multidraft.engine.tree import subtree_spans
+
+    torch.manual_seed(0)
+    draft = GPT(GPTConfig(vocab_size=16, n_layer=2, n_head=2, dim=16)).double().eval()
+    draft2 = GPT(GPTConfig(vocab_size=16, n_layer=1, n_head=2, dim=8)).double().eval()
+    prompts = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    spans = subtree_spans(widths)
+    k, depth = spans[0] * widths[0], len(widths)
+    with torch.no_grad():
+        x, q_levels, canon, passes, passes2 = staged_round(draft, draft2, prompts, k, depth, seed=2, widths=widths)
+        for b in range(2):
+            for level in range(depth):
+                heads = x[b, canon[b, level], level]  # [k] each path's node token at this depth
+                assert torch.equal(x[b, :, level], heads)
+            for i in range(k):
+                full = full_logits(draft, torch.cat([prompts[b], x[b, i]]).unsqueeze(0))[0].softmax(-1)  # [T + D, V]
+                for level in range(depth):
+                    torch.testing.assert_close(q_levels[b, level, i], full[prompts.shape[1] - 1 + level], rtol=1e-9, atol=1e-12)
+    assert passes2 > 0 and passes <= depth
+
+
+def test_staged_branching_paths_follow_the_draft_law():
+    """Each root-to-leaf path of a staged 2-1-2-1 tree (rrs: i.i.d. children) is an autoregressive
+    sample of the draft, and the two children of a depth-2 node are independent given it."""
+    _, draft, draft2 = tables()
+    prompt, widths, samples = [1, 2], (2, 1, 2, 1), 100_000
+    x, _, _, _, _ = staged_round(draft, draft2, [prompt] * samples, 4, 4, seed=9, widths=widths)
+    law = sequence_law(draft, prompt, 4)
+    for i in (0, 3):
+        counts = np.bincount(encode(x[:, i], VOCAB), minlength=VOCAB**4)
+        assert_law(counts, law, f"staged branching path {i}")
+    # paths 0 and 1 share depths 1-2 and then draw their own depths 3-4: the joint law of
+    # (path 0, path 1's last two tokens) is the draft's law continued twice independently
+    first = encode(x[:, 0], VOCAB)
+    second = encode(x[:, 1, 2:], VOCAB)
+    counts = np.bincount(first * VOCAB**2 + second, minlength=VOCAB**6)
+    prefixes = sequence_law(draft, prompt, 2)
+    joint = np.zeros(VOCAB**6)
+    for head in range(VOCAB**2):
+        tail = sequence_law(draft, prompt + [head // VOCAB, head % VOCAB], 2)  # [V^2]
+        joint[head * VOCAB**4 : (head + 1) * VOCAB**4] = prefixes[head] * np.outer(tail, tail).reshape(-1)
+    assert_law(counts, joint, "staged branching siblings")
+
+
+@pytest.mark.parametrize("name,widths,sampling", [
+    ("rrs", (2, 1, 1), {}),
+    ("rrs-wor", (2, 1, 1), {"temperature": 0.8, "top_k": 3}),
+    ("kseq", (1, 2, 1), {}),
+])
+def test_engine_with_draft2_on_a_branching_tree_is_exact(name, widths, sampling):
+    target, draft, draft2 = tables()
+    engine = Engine(target, draft, verifier=name, widths=widths, device="cpu", draft2=draft2)
+    prompt, samples = [1, 2], 100_000
+    out = engine.generate(torch.tensor([prompt]).expand(samples, -1), max_new_tokens=NEW, seed=78, **sampling)
+    counts = np.bincount(encode(out.tokens, VOCAB), minlength=VOCAB**NEW)
+    assert_law(counts, sequence_law(target, prompt, NEW, **sampling), f"engine {name} {widths} with draft2")
+    assert all(0 < a < 1 for a in out.stats.acceptance_by_depth), out.stats.acceptance_by_depth
+    assert out.stats.draft2_passes > 0
+
+
+def test_draft2_on_a_branching_tree_greedy_equals_plain_greedy_and_seeds_repeat():
+    torch.manual_seed(0)
+    target = GPT(GPTConfig(vocab_size=32, n_layer=2, n_head=2, dim=32)).double().eval()
+    draft = GPT(GPTConfig(vocab_size=32, n_layer=1, n_head=2, dim=16)).double().eval()
+    draft2 = TableModel.random(32, 2, seed=3)
+    prompts = [[3, 1, 4, 1, 5], [9], [2, 6, 5, 3, 5, 8]]
+    engine = Engine(target, draft, verifier="rrs-wor", widths=(3, 1, 2, 1, 1), device="cpu", draft2=draft2)
+    out = engine.generate(prompts, max_new_tokens=12, temperature=0.0)
+    for b, prompt in enumerate(prompts):
+        assert out.tokens[b].tolist() == plain_greedy(target, prompt, 12), f"request {b}"
+    a = engine.generate(prompts, max_new_tokens=12, temperature=1.0, seed=[1, 2, 3])
+    b = engine.generate(prompts, max_new_tokens=12, temperature=1.0, seed=[1, 2, 3])
+    alone = engine.generate([prompts[1]], max_new_tokens=12, temperature=1.0, seed=[2])
+    assert torch.equal(a.tokens, b.tokens) and a.tokens[1].tolist() == alone.tokens[0].tolist()
+
+
+def test_draft2_on_a_tree_needs_a_plain_one_draft_scheme(monkeypatch):
+    import multidraft.engine.engine as engine_module
+
+    target, draft, draft2 = tables()
+    monkeypatch.setattr(engine_module, "one_draft_is_a_plain_draw", lambda verifier: False)
+    with pytest.raises(ValueError, match="verifier 'rrs-wor' does not draft one token as a plain draw from q"):
+        Engine(target, draft, verifier="rrs-wor", widths=(2, 1), draft2=draft2)
+    Engine(target, draft, verifier="rrs", widths=(2, 1), draft2=draft2)  # i.i.d.: a plain draw
