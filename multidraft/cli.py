@@ -96,14 +96,23 @@ def cmd_verify_exactness(args) -> int:
     from .proofs import check_exactness
     from .verifiers import get_verifier
 
+    from .proofs.checks import MIN_SAMPLES
+
     if not 0 < args.family_alpha < 1:
         raise ValueError(f"--family-alpha must be in (0, 1), got {args.family_alpha}")
+    if args.max_k < 1:
+        raise ValueError(f"--max-k must be >= 1 (the largest draft count to check), got {args.max_k}")
+    if args.samples < MIN_SAMPLES:
+        raise ValueError(f"--samples must be >= {MIN_SAMPLES} per chi-square test, got {args.samples}")
     _import_plugins(args.imports)
     verifier = get_verifier(args.name)
     report = check_exactness(verifier, max_k=args.max_k, samples=args.samples, family_alpha=args.family_alpha, seed=args.seed)
     for r in report.results:
         print(f"{'ok  ' if r.passed else 'FAIL'} {r.kind:<11} {r.case:<20} k={r.k}  {r.detail}")
     failed = [r for r in report.results if not r.passed]
+    if not report.results:  # e.g. a verifier that takes no draft count up to --max-k
+        print(f"\n{report.verifier}: NOTHING CHECKED (no corner case takes its draft counts up to k = {args.max_k})")
+        return 1
     if failed:
         print(f"\n{report.verifier}: NOT EXACT ({len(failed)} of {len(report.results)} checks failed)")
         return 1

@@ -4,8 +4,10 @@ import json
 import sys
 from pathlib import Path
 
-
 import chisquare
+import pytest
+
+import multidraft as md
 from multidraft.cli import main
 from multidraft.verifiers import base
 
@@ -44,6 +46,26 @@ def test_verify_exactness_refuses_a_bad_family_alpha(capsys):
 def test_unknown_verifier_is_a_clean_error(capsys):
     assert main(["verify-exactness", "nope"]) == 2
     assert "unknown verifier 'nope'; known verifiers:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--max-k", "0"], "--max-k must be >= 1"),
+    (["--samples", "1"], "--samples must be >= 1000 per chi-square test, got 1"),
+    (["--samples", "-1"], "--samples must be >= 1000"),
+])
+def test_verify_exactness_refuses_checks_that_cannot_fail(capsys, options, message):
+    """0 draft counts or a handful of samples had passed with 'exact on all ... checks' (review)."""
+    assert main(["verify-exactness", "rrs", *options]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_check_exactness_refuses_checks_that_cannot_fail():
+    from multidraft.proofs import check_exactness
+
+    with pytest.raises(ValueError, match="max_k must be an int >= 1"):
+        check_exactness(md.get_verifier("rrs"), max_k=0)
+    with pytest.raises(ValueError, match="samples must be an int >= 1000 per chi-square test, got 10"):
+        check_exactness(md.get_verifier("rrs"), samples=10)
 
 
 def test_verify_exactness_on_a_user_verifier(capsys, monkeypatch):

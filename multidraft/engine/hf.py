@@ -146,6 +146,9 @@ class HFModel(nn.Module):
         layer_types = getattr(config, "layer_types", None)
         sliding = window is not None and (layer_types is None or "sliding_attention" in layer_types)
         self.sliding_window = int(window) if sliding and getattr(config, "use_sliding_window", True) is not False else None
+        if "local" in (getattr(config, "attention_layers", None) or []):
+            # GPT-Neo's local layers: a window of window_size cache slots (not positions)
+            self.sliding_window = int(config.window_size)
         # The positions the model is configured for: past a learned table (GPT-2's n_positions,
         # OPT's max_position_embeddings) the embedding lookup fails with an index error, so the
         # engine checks this up front (``models.check_positions``)

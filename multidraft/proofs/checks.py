@@ -99,6 +99,9 @@ class ExactnessReport:
         return bool(self.results) and all(r.passed for r in self.results)
 
 
+MIN_SAMPLES = 1_000  # per chi-square test: the cases' cells then pool into several groups of >= 50 expected
+
+
 def check_exactness(
     verifier: Verifier,
     max_k: int = 3,
@@ -111,6 +114,13 @@ def check_exactness(
     """Enumerate every corner case (k = 1..max_k the verifier supports) and chi-square-test the
     sampled tokens of ``statistical_cases`` against p, at a per-test level that keeps the
     chance of a false failure for an exact verifier below ``family_alpha``."""
+    if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
+        raise ValueError(f"max_k must be an int >= 1 (the largest draft count to check), got {max_k!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < MIN_SAMPLES:
+        # fewer and the pooled chi-square has a degree of freedom or none: a check that cannot fail
+        raise ValueError(f"samples must be an int >= {MIN_SAMPLES} per chi-square test, got {samples!r}")
+    if not 0 < family_alpha < 1:
+        raise ValueError(f"family_alpha must be in (0, 1), got {family_alpha!r}")
     report = ExactnessReport(verifier.name or type(verifier).__name__)
     for case, (p, q) in CASES.items():
         for k in supported_ks(verifier, q, max_k):
@@ -128,6 +138,9 @@ def check_exactness(
         p, q = CASES[case]
         counts, _, _ = sample_tokens(verifier, p, q, k, samples, seed + i)
         statistic, df, pvalue = chi_square(counts, p.numpy())
+        if df < 1 and pvalue > 0:  # (a sample where p = 0 gives df 0 and p-value 0: a failure)
+            raise ValueError(f"the chi-square test of case {case!r} pooled into one group at {samples} samples: "
+                             f"nothing to test; use more samples")
         report.results.append(
             CheckResult(
                 "chi-square", case, k, pvalue > alpha,

@@ -139,6 +139,13 @@ def test_unsupported_architectures_are_named():
     with pytest.raises(ValueError, match="sliding window of 16 tokens.*max_len = 40"):
         window.new_cache(1, 40)
     assert window.new_cache(1, 16).max_len == 16
+    # GPT-Neo says its window differently (local layers of window_size cache slots): the same
+    # refusal, where it had run with wrong tree logits once sequences neared the window
+    neo_config = transformers.GPTNeoConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, window_size=4,
+                                           attention_types=[[["global", "local"], 1]], max_position_embeddings=64)
+    neo = HFModel(transformers.GPTNeoForCausalLM(neo_config).eval())
+    with pytest.raises(ValueError, match="sliding window of 4 tokens"):
+        neo.new_cache(1, 40)
 
 
 OTHER = {  # more decoder-only architectures, built tiny from their configs
