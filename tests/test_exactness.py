@@ -54,6 +54,20 @@ def test_float32_is_exact_to_float32_rounding(name):
     torch.testing.assert_close(prob @ kernels32.double(), p, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["rrs-wor", "optimal-wor"])
+def test_float32_draft_law_without_replacement_keeps_float32_precision(name):
+    """The mass left after the first drafts sat just above the cancellation guard (0.0103), where
+    a float32 running sum carried 6e-6 of relative error into every step: the float32 tuple law
+    summed to 0.99999 (review).  It is summed in float64 now, rounded to float32 once."""
+    q = torch.tensor([0.678, 0.2553, 0.0564, 0.006, 0.0043], dtype=torch.float64)
+    verifier = md.get_verifier(name)
+    tuples = md.proofs.enumeration.all_tuples(5, 4)
+    exact = verifier.draft_probability(q.expand(len(tuples), -1), tuples)
+    single = verifier.draft_probability(q.float().expand(len(tuples), -1), tuples).double()
+    assert single.dtype == torch.float64 and abs(float(single.sum()) - 1) < 1e-6
+    torch.testing.assert_close(single, exact, rtol=5e-7, atol=0)
+
+
 @pytest.mark.parametrize("dtype,drift", [(torch.float64, 9e-7), (torch.float32, 9e-5)])
 @pytest.mark.parametrize("name", md.available_verifiers())
 def test_rows_off_by_the_tolerance_give_the_normalized_target(name, dtype, drift):

@@ -61,7 +61,11 @@ def draftable_mass(q: Tensor, drafts: Tensor) -> Tensor:
     replacement.  ``q.sum() - cumsum`` cancels when the first drafts hold nearly all of q (a
     peaked, low-temperature draft: 1 - max q = 4e-10 moved rrs-wor's output law by 1.3e-8); rows
     where it falls below CANCELLATION_GUARD are recomputed as the undrafted tokens' own sum
-    plus the later drafts, both sums of positive terms."""
+    plus the later drafts, both sums of positive terms.  Summed in float64 whatever q's dtype:
+    the guard's 1e-14 assumes it (a float32 z just above the guard carried 6e-6 of relative error
+    into every ratio q(x) / z), and z is rounded to q's dtype once, at the end."""
+    if q.dtype != torch.float64:
+        return draftable_mass(q.double(), drafts).to(q.dtype)
     qx = q.gather(1, drafts)  # [B, k]
     z = q.sum(dim=-1, keepdim=True) - qx.cumsum(dim=1) + qx  # [B, k]
     low = (z < CANCELLATION_GUARD).any(dim=1)  # [B]
