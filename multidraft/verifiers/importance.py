@@ -39,7 +39,8 @@ far, of law r) meets draft j (law q, independent): equal tokens keep the incumbe
 the incumbent from unit u is kept against a newcomer from unit v with probability keep(u, v),
 one LP weight per ordered pair of units, chosen by the same LP with the new token law
 r'(y) = r(y) a_u + q(y) b_u  (a_u = sum_v Q_v keep(u, v), b_u = sum_v R_v (1 - keep(v, u))).
-Keeping the incumbent always is feasible, so acceptance never falls as k grows.  k = 1 is
+With single-token units keeping the incumbent always is feasible, so acceptance never falls
+as k grows (with buckets it can: docs/verifiers/importance.md).  k = 1 is
 plain speculative sampling (p_I = q).  Up to k = 4 (each stage is one more LP).  Proof and
 cost: docs/verifiers/importance.md.
 """
