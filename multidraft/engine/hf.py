@@ -106,7 +106,13 @@ def check_architecture(model: nn.Module) -> None:
     layer_types = getattr(config, "layer_types", None) or []
     odd = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
     if odd:
-        raise ValueError(f"{arch} cannot run in the engine: layer types {odd} keep recurrent state, not a per-token KV cache")
+        raise ValueError(f"{arch} cannot run in the engine: layer types {odd} are neither full nor sliding-window "
+                         f"attention (recurrent state, chunked attention, ...), which one per-token KV cache and a "
+                         f"tree mask do not express")
+    v_dim, qk_dims = getattr(config, "v_head_dim", None), (getattr(config, "qk_nope_head_dim", None), getattr(config, "qk_rope_head_dim", None))
+    if v_dim is not None and None not in qk_dims and v_dim != sum(qk_dims):
+        raise ValueError(f"{arch} cannot run in the engine: its keys ({sum(qk_dims)} per head) and values ({v_dim}) differ "
+                         f"in size (multi-head latent attention), and the KV cache holds one head size")
 
 
 def kv_heads(config) -> int:

@@ -73,7 +73,7 @@ def solve_rho(p: Tensor, q: Tensor, k: int) -> Tensor:
     lo = torch.ones_like(p[:, :1])
     hi = torch.full_like(lo, float(k))  # c(k) <= k always (Bernoulli's inequality)
     f_lo, f_hi = root_gap(p, q, lo, k), root_gap(p, q, hi, k).clamp(max=0)
-    # f(1) >= 0, with equality exactly when rho = 1 is valid (q <= p wherever q > 0)
+    # f(1) >= 0, with equality exactly when rho = 1 is valid (p = q, or p and q disjoint)
     at_one = f_lo <= 0
     hi, f_hi = torch.where(at_one, lo, hi), torch.where(at_one, 0.0, f_hi)
     w_lo, w_hi = f_lo.clamp(min=torch.finfo(p.dtype).tiny), f_hi  # the chord's end values

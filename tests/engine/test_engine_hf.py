@@ -146,6 +146,14 @@ def test_unsupported_architectures_are_named():
     neo = HFModel(transformers.GPTNeoForCausalLM(neo_config).eval())
     with pytest.raises(ValueError, match="sliding window of 4 tokens"):
         neo.new_cache(1, 40)
+    # multi-head latent attention (DeepSeek-V3): keys and values of different sizes, which had
+    # failed later with a cache-shape message
+    mla = transformers.DeepseekV3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=None,
+                                        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                                        n_routed_experts=2, num_experts_per_tok=1, first_k_dense_replace=1)
+    with pytest.raises(ValueError, match=r"keys \(16 per head\) and values \(8\) differ in size"):
+        HFModel(transformers.DeepseekV3ForCausalLM(mla).eval())
 
 
 OTHER = {  # more decoder-only architectures, built tiny from their configs
