@@ -15,18 +15,25 @@ measures both models' forward times and picks the shape with the highest expecte
 The acceptance at depth d does not depend on the depth the tree continues to (the walk decides
 depth d before it looks deeper), so one calibration run per k at ``max_depth`` gives the
 per-depth acceptance for every D <= max_depth.
+
+Everything runs where ``Engine`` runs: ``device=None`` is ``engine.default_device()`` (CUDA when
+present) for the timings as for the engine runs.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 import statistics
 import time
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from .engine import Engine, autoregressive_generate, model_forward
+from ..verifiers import Verifier, get_verifier
+from . import engine as _engine
+from .engine import Engine, autoregressive_generate, check_deep_tree_support, model_forward, prepare_prompts
 
 __all__ = ["AdaptiveEngine", "Overhead", "ShapeChoice", "ShapePolicy", "batch_efficiency_share", "calibrate_acceptance", "choose_shape",
            "expected_block_efficiency", "forward_ms", "measure_costs", "measure_overhead", "rank_shapes", "time_shapes"]
@@ -56,8 +63,13 @@ def expected_block_efficiency(acceptance) -> float:
 
 
 @torch.no_grad()
-def forward_ms(model, batch: int, tokens: int, context: int = 64, repeats: int = 5, device="cpu") -> float:
-    """Median ms of one forward of ``tokens`` new tokens per request over ``context`` cached ones."""
+def forward_ms(model, batch: int, tokens: int, context: int = 64, repeats: int = 5, device=None) -> float:
+    """Median ms of one forward of ``tokens`` new tokens per request over ``context`` cached ones,
+    on ``device`` (None: ``engine.default_device()``, where ``Engine`` runs; a torch module is
+    moved there, as ``Engine`` moves it)."""
+    device = torch.device(device if device is not None else _engine.default_device())
+    if isinstance(model, torch.nn.Module):
+        model.to(device).eval()
     cache = model.new_cache(batch, context + tokens, device)
     cache.lens[:] = context
     cache.max_committed = context
@@ -67,20 +79,58 @@ def forward_ms(model, batch: int, tokens: int, context: int = 64, repeats: int =
     times = []
     for _ in range(repeats + 1):  # the first run warms up
         cache.used = 0
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         model_forward(model, cache, ids, pos, rows)
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times[1:])
 
 
 def measure_costs(target, draft, batch_sizes, token_counts, **kwargs) -> dict:
-    """{"target": {(B, T): ms}, "draft": {(B, T): ms}} over the given batch sizes and token counts."""
+    """{"target": {(B, T): ms}, "draft": {(B, T): ms}} over the given batch sizes and token counts
+    (``forward_ms``: ``device=None`` times them where ``Engine`` runs)."""
     return {name: {(b, t): forward_ms(model, b, t, **kwargs) for b in batch_sizes for t in token_counts}
             for name, model in (("target", target), ("draft", draft))}
+
+
+_SPECULATE = inspect.signature(Engine._speculate)
+
+
+class _CountingEngine(Engine):
+    """An ``Engine`` that also counts, request by request, the rounds whose walk reached and
+    accepted each depth (``GenerationStats`` pools those over the requests): after a call,
+    ``reached`` and ``accepted`` are [B, depth] tensors.  A round that accepted a tokens reached
+    depths 1 .. a + 1 and accepted depths 1 .. a (the walk stops at its first rejection).  The
+    batch drops finished requests (``RequestRandom.keep``), so the rows are followed there."""
+
+    def decode(self, *args, **kwargs):
+        self.reached = self.accepted = self._random = None
+        return super().decode(*args, **kwargs)
+
+    def _speculate(self, *args, **kwargs):
+        bound = _SPECULATE.bind(self, *args, **kwargs).arguments
+        random, active, depth, seq = bound["random"], bound["active"], bound["depth"], bound["seq"]
+        if random is not self._random:  # a call's first round: every request is in the batch
+            self._random, device = random, seq.device
+            self._rows = torch.arange(seq.shape[0], device=device)
+            self.reached = torch.zeros(seq.shape[0], self.depth, dtype=torch.long, device=device)
+            self.accepted = torch.zeros_like(self.reached)
+            keep = random.keep
+
+            def follow(index, keep=keep):  # the requests ``index`` stay in the batch
+                self._rows = self._rows[index.to(self._rows.device)]
+                keep(index)
+
+            random.keep = follow
+        out = super()._speculate(*args, **kwargs)
+        accepted, levels = out[1].unsqueeze(1), torch.arange(depth, device=seq.device)  # [rows, 1], [D]
+        active = active.unsqueeze(1)
+        self.reached[:, :depth].index_add_(0, self._rows, ((accepted >= levels) & active).long())
+        self.accepted[:, :depth].index_add_(0, self._rows, ((accepted > levels) & active).long())
+        return out
 
 
 def calibrate_acceptance(target, draft, verifier, ks, max_depth: int, prompts, max_new_tokens: int = 48,
@@ -89,14 +139,24 @@ def calibrate_acceptance(target, draft, verifier, ks, max_depth: int, prompts, m
 
     Acceptance does not depend on the batch size, only on the content, so calibrate on more
     prompts than one batch holds (a single prompt gives a very noisy estimate, greedy above all).
-    With ``per_request`` it also returns {k: [block efficiency of each request at max_depth]},
-    the spread ``choose_shape`` needs to charge a batch for waiting on its slowest request.
+    With ``per_request`` it also returns {k: [[acceptance at depth 1 .. max_depth] of each
+    request]} (NaN at a depth a request never reached), from the same run: the spread
+    ``choose_shape`` needs to charge a batch for waiting on its slowest request, at each depth
+    (``expected_block_efficiency`` of a request's first D rates is its block efficiency at
+    depth D; at max_depth it is the run's ``block_efficiency_per_request``).
     """
     out, spread = {}, {}
     for k in ks:
-        engine = Engine(target, draft, verifier=verifier, num_drafts=k, depth=max_depth, device=device)
+        cls = _CountingEngine if per_request else Engine
+        engine = cls(target, draft, verifier=verifier, num_drafts=k, depth=max_depth, device=device)
         stats = engine.generate(prompts, max_new_tokens, **generate_options).stats
-        out[k], spread[k] = stats.acceptance_by_depth, stats.block_efficiency_per_request
+        out[k] = stats.acceptance_by_depth
+        if per_request:
+            if engine.reached is None:  # no round ran (max_new_tokens = 0)
+                spread[k] = []
+            else:
+                spread[k] = [[a / r if r else float("nan") for a, r in zip(acc, rea)]
+                             for acc, rea in zip(engine.accepted.tolist(), engine.reached.tolist())]
     return (out, spread) if per_request else out
 
 
@@ -126,31 +186,65 @@ class Overhead:
     and verifier calls in the walk)."""
 
     per_round_ms: float
-    per_depth_ms: float
+    per_depth_ms: float  # 0 where fitted at one depth (a verifier the engine runs at depth 1 only)
     plain_ms: float = 0.0  # the same for plain decoding: per step, beyond the target forward
+
+    def __post_init__(self):
+        for name in ("per_round_ms", "per_depth_ms", "plain_ms"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"Overhead.{name} must be a finite number of ms >= 0, got {value!r}")
 
     def at(self, depth: int) -> float:
         return self.plain_ms if depth == 0 else self.per_round_ms + self.per_depth_ms * depth
 
 
-def measure_overhead(target, draft, verifier, prompts, costs: dict, k: int = 2, depths=(1, 4), max_new_tokens: int = 48,
+def _verifier(verifier) -> Verifier:
+    return verifier if isinstance(verifier, Verifier) else get_verifier(verifier)
+
+
+def _takes_deep_trees(verifier: Verifier) -> bool:
+    """Whether the engine runs this verifier's drafted sequences at depths > 1."""
+    try:
+        check_deep_tree_support(verifier, 2)
+    except ValueError:
+        return False
+    return True
+
+
+def _draft_limits(verifier: Verifier) -> str:
+    return f"{verifier.min_drafts}..{verifier.max_drafts}" if verifier.max_drafts is not None else f">= {verifier.min_drafts}"
+
+
+def measure_overhead(target, draft, verifier, prompts, costs: dict, k: int | None = None, depths=None, max_new_tokens: int = 48,
                      device=None, repeats: int = 2, **generate_options) -> Overhead:
-    """Fit ``Overhead`` from engine runs at two depths on ``prompts`` (one batch, at the batch size
-    the costs were measured for): at each depth, seconds per round less the model forwards that
-    ``choose_shape`` charges, the smallest over ``repeats`` runs (timing noise only adds time)."""
-    if len(depths) != 2 or depths[0] >= depths[1]:
-        raise ValueError(f"depths must be two increasing depths, got {depths!r}")
-    batch = len(prompts)
+    """Fit ``Overhead`` from engine runs with k drafts at two depths on ``prompts`` (one batch, at
+    the batch size the costs were measured for): at each depth, seconds per round less the model
+    forwards that ``choose_shape`` charges, the smallest over ``repeats`` runs (timing noise only
+    adds time).  ``depths`` of one depth fit a per-round part only (per-depth part 0): what a
+    verifier the engine runs at depth 1 only allows.  Defaults: k = 2, or the nearest draft
+    count the verifier takes; depths (1, 4), or (1,) for a depth-1-only verifier."""
+    v = _verifier(verifier)
+    if k is None:
+        k = max(2, v.min_drafts) if v.max_drafts is None else min(max(2, v.min_drafts), v.max_drafts)
+    if depths is None:
+        depths = (1, 4) if _takes_deep_trees(v) else (1,)
+    depths = tuple(depths)
+    if not (len(depths) == 1 or (len(depths) == 2 and depths[0] < depths[1])):
+        raise ValueError(f"depths must be one depth or two increasing depths, got {depths!r}")
+    batch = None
     totals = []
     for depth in depths:
         engine = Engine(target, draft, verifier=verifier, num_drafts=k, depth=depth, device=device)
+        if batch is None:  # a LongTensor [T] is one request, as the engine reads it
+            batch = prepare_prompts(prompts, engine.vocab_size, "cpu")[0].shape[0]
         engine.generate(prompts, 4, **generate_options)  # warm-up
         best = float("inf")
         for _ in range(repeats):
             stats = engine.generate(prompts, max_new_tokens, **generate_options).stats
             best = min(best, 1e3 * stats.seconds / stats.rounds - _model_ms(costs, batch, k, depth))
         totals.append(best)
-    per_depth = max((totals[1] - totals[0]) / (depths[1] - depths[0]), 0.0)
+    per_depth = max((totals[1] - totals[0]) / (depths[1] - depths[0]), 0.0) if len(depths) == 2 else 0.0
     plain = float("inf")
     for _ in range(repeats):  # plain decoding pays its own sampling, masks and commits per step
         stats = autoregressive_generate(target, prompts, max_new_tokens, device=device, **generate_options).stats
@@ -184,22 +278,42 @@ def rank_shapes(batch: int, costs: dict, acceptance: dict, max_depth: int | None
     measured costs, and plain decoding as (0, 0).  A round costs target(B, 1 + k*D) + draft(B, 1)
     + (D - 1) * draft(B, k) plus the engine's own work: ``overhead_ms`` per round, or an
     ``Overhead`` with a part per depth (and one per step of plain decoding, charged to that
-    option).  With ``request_efficiency`` ({k: per-request block efficiencies}, from
-    ``calibrate_acceptance(per_request=True)``) the speculative gain is scaled by
-    ``batch_efficiency_share``: the batch waits for its slowest request, a loss that grows with
-    the batch and with how much requests differ."""
+    option).  With ``request_efficiency`` ({k: [[acceptance by depth] of each request]}, from
+    ``calibrate_acceptance(per_request=True)``) the speculative gain at depth D is scaled by
+    ``batch_efficiency_share`` of the requests' block efficiencies at depth D: the batch waits
+    for its slowest request, a loss that grows with the batch and with how much requests
+    differ.  ``max_depth``: None for no limit, else an int >= 1."""
+    if max_depth is not None and (isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 1):
+        raise ValueError(f"max_depth must be None (no limit) or an int >= 1, got {max_depth!r}")
+    for model in ("target", "draft"):
+        for (b, t), ms in costs[model].items():
+            if isinstance(ms, bool) or not isinstance(ms, numbers.Real) or not math.isfinite(ms) or ms < 0:
+                raise ValueError(f"costs[{model!r}][{b}, {t}] is {ms!r}; costs must be finite numbers of ms >= 0")
     overhead = overhead_ms if isinstance(overhead_ms, Overhead) else Overhead(float(overhead_ms), 0.0)
     plain = _cost(costs["target"], batch, 1) + overhead.at(0)
+    if plain <= 0:
+        raise ValueError(f"a plain decoding step at batch {batch} costs {plain} ms (target forward plus overhead); "
+                         f"it must cost > 0 ms")
     options = [ShapeChoice(0, 0, 1.0, plain, 1e3 * batch / plain)]
     for k, rates in sorted(acceptance.items()):
-        for depth in range(1, min(len(rates), max_depth or len(rates)) + 1):
+        depths = min(len(rates), max_depth or len(rates))
+        per_request = (request_efficiency or {}).get(k)
+        if per_request:
+            for r in per_request:
+                if isinstance(r, numbers.Real) or len(r) < depths:
+                    raise ValueError(f"request_efficiency[{k}] must hold each request's acceptance at depths 1..{depths} "
+                                     f"(calibrate_acceptance(per_request=True)), got {r!r}")
+        for depth in range(1, depths + 1):
             try:
                 ms = _model_ms(costs, batch, k, depth) + overhead.at(depth)
             except ValueError:
                 continue  # a tree larger than anything measured: not a candidate
+            if ms <= 0:
+                raise ValueError(f"a round of (k={k}, D={depth}) at batch {batch} costs {ms} ms; it must cost > 0 ms")
             eff = expected_block_efficiency(rates[:depth])
-            if request_efficiency is not None and request_efficiency.get(k):
-                eff = 1 + (eff - 1) * batch_efficiency_share(request_efficiency[k], batch)
+            if per_request:
+                share = batch_efficiency_share([expected_block_efficiency(r[:depth]) for r in per_request], batch)
+                eff = 1 + (eff - 1) * share
             options.append(ShapeChoice(k, depth, eff, ms, 1e3 * batch * eff / ms))
     return sorted(options, key=lambda c: -c.tokens_per_second)  # stable: plain first among equals
 
@@ -257,7 +371,7 @@ class ShapePolicy:
     verifier: str
     costs: dict  # measure_costs at every batch size of ``overhead``
     acceptance: dict  # {k: per-depth acceptance}: calibrate_acceptance
-    request_efficiency: dict  # {k: per-request block efficiency}: its per_request part
+    request_efficiency: dict  # {k: [per-depth acceptance of each request]}: its per_request part ({}: none)
     overhead: dict  # {batch size: Overhead}
     margin: float = 0.05
     trials: dict = field(default_factory=dict)  # {batch size: {(k, D): measured tokens/s}}: time_shapes
@@ -265,6 +379,17 @@ class ShapePolicy:
     def __post_init__(self):
         if not 0.0 <= self.margin < 1.0:
             raise ValueError(f"margin must be in [0, 1), got {self.margin}")
+        if not self.acceptance:
+            raise ValueError("the acceptance table is empty: a policy needs {k: per-depth acceptance} for at least one k")
+        for k, rates in self.acceptance.items():
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1 or len(rates) < 1:
+                raise ValueError(f"acceptance maps draft counts k >= 1 to per-depth acceptance at depths 1.., "
+                                 f"got k = {k!r} -> {rates!r}")
+        if not self.overhead:
+            raise ValueError("overhead is empty: a policy needs an Overhead at one batch size at least")
+        for b, overhead in self.overhead.items():
+            if isinstance(b, bool) or not isinstance(b, int) or b < 1 or not isinstance(overhead, Overhead):
+                raise ValueError(f"overhead maps batch sizes >= 1 to an Overhead, got {b!r} -> {overhead!r}")
         for b, trial in self.trials.items():
             if b not in self.overhead:
                 raise ValueError(f"a trial at batch size {b} needs an overhead measured there; measured: {sorted(self.overhead)}")
@@ -303,7 +428,7 @@ class ShapePolicy:
         return replace(predicted[shape], measured_tokens_per_second=trial[shape])
 
     @classmethod
-    def calibrate(cls, target, draft, verifier: str, prompts, batch_sizes=(1, 4, 16, 64), ks=(1, 2, 4), max_depth: int = 6,
+    def calibrate(cls, target, draft, verifier: str, prompts, batch_sizes=(1, 4, 16, 64), ks=(1, 2, 4), max_depth: int | None = None,
                   max_new_tokens: int = 48, margin: float = 0.05, device=None, trial_shapes: int = 3, trial_repeats: int = 3,
                   trial_requests: int = 8, **generate_options) -> ShapePolicy:
         """Measure forward costs and the engine's overhead at each batch size and the per-depth
@@ -316,24 +441,48 @@ class ShapePolicy:
         and the race checks its short list against the real thing (``trial_shapes=0``: trust
         the model alone).  ``generate_options`` (temperature, top_k, top_p, seed) must be the
         ones the policy will decode with: acceptance depends on them.  Needs at least
-        max(batch_sizes) prompts; takes a few engine runs per k and per batch size."""
+        max(batch_sizes) prompts; takes a few engine runs per k and per batch size.
+
+        ``ks`` are kept where the verifier takes them (``min_drafts .. max_drafts``).
+        ``max_depth`` None is 6, or 1 for a verifier the engine runs at depth 1 only (spechub,
+        greedy: ``check_deep_tree_support``); at max_depth 1 the overhead has a per-round part
+        only (per-depth part 0), else it is fitted at depths 1 and min(4, max_depth), with the k
+        in ``ks`` nearest 2.  ``device`` None is ``engine.default_device()`` for every timing and
+        engine run alike."""
         batch_sizes = sorted(set(batch_sizes))
         if not batch_sizes or batch_sizes[0] < 1:
             raise ValueError(f"batch_sizes must be ints >= 1, got {batch_sizes!r}")
         if len(prompts) < batch_sizes[-1]:
             raise ValueError(f"calibrating at batch size {batch_sizes[-1]} needs as many prompts, got {len(prompts)}")
-        if max_depth < 2:
-            raise ValueError(f"max_depth must be >= 2 (the overhead is fitted from two depths), got {max_depth}")
         for name, value, low in [("trial_shapes", trial_shapes, 0), ("trial_repeats", trial_repeats, 1),
                                  ("trial_requests", trial_requests, 1)]:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        v = _verifier(verifier)
+        ks = list(dict.fromkeys(ks))
+        if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+            raise ValueError(f"ks must be draft counts, ints >= 1, got {ks!r}")
+        usable = [k for k in ks if k >= v.min_drafts and (v.max_drafts is None or k <= v.max_drafts)]
+        if not usable:
+            raise ValueError(f"verifier {v.name!r} takes {_draft_limits(v)} drafts per node; none of ks = {ks} is in that range")
+        ks = usable
+        deep = _takes_deep_trees(v)
+        if max_depth is None:
+            max_depth = 6 if deep else 1
+        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 1:
+            raise ValueError(f"max_depth must be an int >= 1, got {max_depth!r}")
+        if max_depth > 1 and not deep:
+            raise ValueError(f"verifier {v.name!r} runs at depth 1 only (drafted sequences), got max_depth = {max_depth}; "
+                             f"use max_depth=1 (or None)")
+        device = device if device is not None else _engine.default_device()
         # every forward a round of these shapes makes: target 1 + k*D tokens, draft 1 and k
         tokens = sorted({1, *ks} | {1 + k * d for k in ks for d in range(1, max_depth + 1)})
-        costs = measure_costs(target, draft, batch_sizes, tokens, device=device or "cpu")
-        acceptance, spread = calibrate_acceptance(target, draft, verifier, list(ks), max_depth, prompts, max_new_tokens,
+        costs = measure_costs(target, draft, batch_sizes, tokens, device=device)
+        acceptance, spread = calibrate_acceptance(target, draft, verifier, ks, max_depth, prompts, max_new_tokens,
                                                   device=device, per_request=True, **generate_options)
-        overhead = {b: measure_overhead(target, draft, verifier, prompts[:b], costs, depths=(1, min(4, max_depth)),
+        overhead_k = min(ks, key=lambda k: (abs(k - 2), k))  # its trees were timed at every depth
+        depths = (1, min(4, max_depth)) if max_depth > 1 else (1,)
+        overhead = {b: measure_overhead(target, draft, verifier, prompts[:b], costs, k=overhead_k, depths=depths,
                                         max_new_tokens=max_new_tokens, device=device, **generate_options)
                     for b in batch_sizes}
         trials = {}

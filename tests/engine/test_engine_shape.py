@@ -135,9 +135,11 @@ def test_a_batch_waits_for_its_slowest_request():
     assert batch_efficiency_share([2.0, 4.0], 64) == pytest.approx((2 - 1) / (8 / 3 - 1), abs=1e-12)
     costs = synthetic_costs([1, 64], list(range(1, 26)))
     acceptance = {2: [0.9] * 4}
-    alike = choose_shape(64, costs, acceptance, request_efficiency={2: [4.4] * 8})
-    ragged = choose_shape(64, costs, acceptance, request_efficiency={2: [1.2, 4.4, 4.4, 4.4]})
+    alike = choose_shape(64, costs, acceptance, request_efficiency={2: [[0.9] * 4] * 8})
+    ragged = choose_shape(64, costs, acceptance, request_efficiency={2: [[0.2, 0.0, 0.0, 0.0]] + [[0.9] * 4] * 3})
     assert ragged.tokens_per_second < alike.tokens_per_second
+    with pytest.raises(ValueError, match=r"request_efficiency\[2\] must hold each request's acceptance at depths 1..4"):
+        choose_shape(64, costs, acceptance, request_efficiency={2: [4.4] * 8})  # block efficiencies say nothing per depth
 
 
 def test_calibration_can_return_per_request_efficiencies():
@@ -146,7 +148,8 @@ def test_calibration_can_return_per_request_efficiencies():
     draft = early_exit(target, 1)
     acceptance, spread = calibrate_acceptance(target, draft, "rrs", ks=[2], max_depth=2, prompts=[[1, 2], [3], [4, 5, 6]],
                                               max_new_tokens=6, seed=0, device="cpu", per_request=True)
-    assert len(acceptance[2]) == 2 and len(spread[2]) == 3 and all(1 <= e <= 3 for e in spread[2])
+    assert len(acceptance[2]) == 2 and len(spread[2]) == 3 and all(len(rates) == 2 for rates in spread[2])
+    assert all(1 <= expected_block_efficiency(rates) <= 3 for rates in spread[2])
 
 
 def _policy(costs, acceptance, batches):
@@ -210,8 +213,8 @@ def test_a_policy_calibrates_on_a_real_pair():
         ShapePolicy.calibrate(target, draft, "rrs", prompts, batch_sizes=[1], trial_repeats=0)
     with pytest.raises(ValueError, match="needs as many prompts"):
         ShapePolicy.calibrate(target, draft, "rrs", prompts[:2], batch_sizes=[4])
-    with pytest.raises(ValueError, match="max_depth must be >= 2"):
-        ShapePolicy.calibrate(target, draft, "rrs", prompts, batch_sizes=[1], max_depth=1)
+    with pytest.raises(ValueError, match="max_depth must be an int >= 1, got 0"):
+        ShapePolicy.calibrate(target, draft, "rrs", prompts, batch_sizes=[1], max_depth=0)
 
 
 def test_a_trial_race_overrules_the_model_and_keeps_its_margin():
@@ -245,7 +248,7 @@ def test_the_trial_race_runs_on_whole_batches_of_enough_requests(monkeypatch):
 
     raced = {}
     monkeypatch.setattr(shape, "measure_costs", lambda target, draft, batch_sizes, tokens, **kw: synthetic_costs(batch_sizes, tokens))
-    monkeypatch.setattr(shape, "calibrate_acceptance", lambda *a, **kw: ({2: [0.9] * 3}, {2: [2.0] * 4}))
+    monkeypatch.setattr(shape, "calibrate_acceptance", lambda *a, **kw: ({2: [0.9] * 3}, {2: [[0.5] * 3] * 4}))
     monkeypatch.setattr(shape, "measure_overhead", lambda *a, **kw: Overhead(0.0, 0.0))
 
     def race(target, draft, verifier, batches, shapes, *args, **kwargs):  # records what was raced
@@ -308,3 +311,137 @@ def test_a_shape_per_round_must_fit_the_engine():
     staged = Engine(target, early_exit(target, 1), verifier="rrs", num_drafts=2, depth=3, device="cpu", draft2=early_exit(target, 1))
     with pytest.raises(ValueError, match="no widths, no draft2"):
         staged.decode(prompts, 4, shape_for_batch=lambda rows: (2, 2))
+
+
+def test_a_policy_calibrates_within_the_verifiers_draft_counts_and_depths():
+    """'single' takes k = 1 only, 'spechub' k = 2 at depth 1, 'greedy' k >= 2 at depth 1: the
+    default ks = (1, 2, 4) are cut to what the verifier takes, a depth-1-only verifier is
+    calibrated at depth 1 (overhead per round only), and the overhead is fitted at a k of ks."""
+    torch.manual_seed(0)
+    target = GPT(GPTConfig(vocab_size=64, n_layer=2, dim=32, n_head=4)).eval()
+    draft = early_exit(target, 1)
+    prompts = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(4))
+    quick = dict(batch_sizes=[1], max_new_tokens=4, seed=0, device="cpu", trial_shapes=0)
+    for verifier, ks, depth in [("single", {1}, 6), ("spechub", {2}, 1), ("greedy", {2, 4}, 1)]:
+        policy = ShapePolicy.calibrate(target, draft, verifier, prompts, **quick)
+        assert set(policy.acceptance) == ks and all(len(a) == depth for a in policy.acceptance.values()), verifier
+        assert all(len(r) == depth for spread in policy.request_efficiency.values() for r in spread)
+        if depth == 1:
+            assert policy.overhead[1].per_depth_ms == 0.0
+        out = AdaptiveEngine(target, draft, policy, device="cpu").generate(prompts, 4, seed=0)
+        assert out.tokens.shape == (2, 4)
+    one = ShapePolicy.calibrate(target, draft, "rrs", prompts, ks=[1], max_depth=2, **quick)  # overhead fitted at k = 1
+    assert set(one.acceptance) == {1} and one.overhead[1].per_round_ms >= 0
+    flat = ShapePolicy.calibrate(target, draft, "rrs", prompts, ks=[2], max_depth=1, **quick)
+    assert flat.overhead[1].per_depth_ms == 0.0 and len(flat.acceptance[2]) == 1
+    with pytest.raises(ValueError, match=r"verifier 'spechub' takes 2..2 drafts per node; none of ks = \[1, 3\]"):
+        ShapePolicy.calibrate(target, draft, "spechub", prompts, ks=[1, 3], **quick)
+    with pytest.raises(ValueError, match=r"verifier 'greedy' runs at depth 1 only .*got max_depth = 3"):
+        ShapePolicy.calibrate(target, draft, "greedy", prompts, max_depth=3, **quick)
+    with pytest.raises(ValueError, match=r"ks must be draft counts, ints >= 1, got \[0\]"):
+        ShapePolicy.calibrate(target, draft, "rrs", prompts, ks=[0], **quick)
+
+
+def test_calibration_times_where_the_engine_runs(monkeypatch):
+    """device=None is the engine's default device for the cost timings as for the engine runs
+    (CUDA when present); forward_ms defaults to it too, not to the CPU."""
+    from multidraft.engine import engine as engine_module
+    from multidraft.engine import shape
+
+    seen = {}
+
+    def record(name, result):
+        def fn(*args, **kwargs):
+            seen.setdefault(name, []).append(kwargs.get("device"))
+            return result(*args) if callable(result) else result
+        return fn
+
+    monkeypatch.setattr(engine_module, "default_device", lambda: "cuda:5")
+    monkeypatch.setattr(shape, "measure_costs", record("costs", lambda target, draft, b, t: synthetic_costs(b, t)))
+    monkeypatch.setattr(shape, "calibrate_acceptance", record("acceptance", ({2: [0.9] * 3}, {})))
+    monkeypatch.setattr(shape, "measure_overhead", record("overhead", Overhead(0.0, 0.0)))
+    monkeypatch.setattr(shape, "time_shapes", record("trials", lambda target, draft, verifier, batches, shapes, *a: {s: 1.0 for s in shapes}))
+    ShapePolicy.calibrate(None, None, "rrs", [[1, 2]] * 4, batch_sizes=[1, 4], ks=[2], max_depth=3)
+    assert set(seen) == {"costs", "acceptance", "overhead", "trials"}
+    assert all(device == "cuda:5" for devices in seen.values() for device in devices), seen
+
+    class Built(Exception):
+        pass
+
+    class Model:  # records where forward_ms builds its cache, and stops there
+        def new_cache(self, batch, length, device):
+            seen["forward"] = torch.device(device)
+            raise Built
+
+    with pytest.raises(Built):
+        shape.forward_ms(Model(), 2, 3)
+    assert seen["forward"] == torch.device("cuda:5")
+
+
+def test_the_request_spread_is_taken_at_each_depth():
+    """Each request's block efficiency at depth D (its first D acceptance rates) gives the share
+    of the gain a batch keeps at D: at depth 1 requests at 0.5 and 0.9 differ by 1.5 vs 1.9
+    tokens, at depth 6 by 1.98 vs 5.69, so the shares differ."""
+    costs = synthetic_costs([16], list(range(1, 26)))
+    acceptance = {2: [0.7] * 6}
+    spread = {2: [[0.5] * 6] * 8 + [[0.9] * 6] * 8}
+    ranked = {(c.num_drafts, c.depth): c for c in rank_shapes(16, costs, acceptance, request_efficiency=spread)}
+    shares = {}
+    for depth in (1, 6):
+        pooled = expected_block_efficiency([0.7] * depth)
+        shares[depth] = (ranked[2, depth].block_efficiency - 1) / (pooled - 1)
+        direct = batch_efficiency_share([expected_block_efficiency([0.5] * depth)] * 8 + [expected_block_efficiency([0.9] * depth)] * 8, 16)
+        assert shares[depth] == pytest.approx(direct, rel=1e-12), depth
+    assert abs(shares[1] - shares[6]) > 0.05, shares
+
+
+def test_per_request_acceptance_by_depth_follows_each_request():
+    """The per-request rates come from the calibration run itself: at max_depth they give each
+    request's block efficiency as the engine counted it, though requests leave the batch at
+    different rounds."""
+    torch.manual_seed(0)
+    target = GPT(GPTConfig(vocab_size=64, n_layer=2, dim=32, n_head=4)).eval()
+    draft = early_exit(target, 1)
+    prompts = [[1, 2], [3], [4, 5, 6], [7, 8]]
+    acceptance, spread = calibrate_acceptance(target, draft, "rrs", ks=[2], max_depth=3, prompts=prompts,
+                                              max_new_tokens=10, seed=0, device="cpu", per_request=True)
+    stats = Engine(target, draft, verifier="rrs", num_drafts=2, depth=3, device="cpu").generate(prompts, 10, seed=0).stats
+    assert stats.acceptance_by_depth == acceptance[2]
+    efficiencies = [expected_block_efficiency(rates) for rates in spread[2]]
+    assert efficiencies == pytest.approx(stats.block_efficiency_per_request, rel=1e-6)  # the engine divides in float32
+    assert len(set(stats.block_efficiency_per_request)) > 1  # the requests differ, so a mix-up would show
+
+
+def test_bad_inputs_to_the_shape_chooser():
+    costs = synthetic_costs([1], list(range(1, 26)))
+    acceptance = {2: [0.8] * 3}
+    for depth in (0, -1):
+        with pytest.raises(ValueError, match=f"max_depth must be None \\(no limit\\) or an int >= 1, got {depth}"):
+            rank_shapes(1, costs, acceptance, max_depth=depth)
+    assert {c.depth for c in rank_shapes(1, costs, acceptance, max_depth=None)} == {0, 1, 2, 3}
+    zero = {"target": {key: 0.0 for key in costs["target"]}, "draft": {key: 0.0 for key in costs["draft"]}}
+    with pytest.raises(ValueError, match="a plain decoding step at batch 1 costs 0.0 ms"):
+        choose_shape(1, zero, acceptance)
+    negative = {"target": {**costs["target"], (1, 5): -1.0}, "draft": costs["draft"]}
+    with pytest.raises(ValueError, match=r"costs\['target'\]\[1, 5\] is -1.0; costs must be finite numbers of ms >= 0"):
+        choose_shape(1, negative, acceptance)
+    with pytest.raises(ValueError, match="Overhead.per_depth_ms must be a finite number of ms >= 0, got -0.5"):
+        Overhead(1.0, -0.5)
+    with pytest.raises(ValueError, match="Overhead.per_round_ms must be a finite number of ms >= 0, got -2.0"):
+        choose_shape(1, costs, acceptance, overhead_ms=-2.0)
+    with pytest.raises(ValueError, match="the acceptance table is empty"):
+        AdaptiveEngine(None, None, ShapePolicy("rrs", costs, {}, {}, {1: Overhead(0.0, 0.0)}))
+    with pytest.raises(ValueError, match="overhead is empty"):
+        ShapePolicy("rrs", costs, acceptance, {}, {})
+
+
+def test_measure_overhead_reads_a_flat_prompt_as_one_request():
+    torch.manual_seed(0)
+    target = GPT(GPTConfig(vocab_size=64, n_layer=2, dim=32, n_head=4)).eval()
+    draft = early_exit(target, 1)
+    costs = measure_costs(target, draft, batch_sizes=[1], token_counts=[1, 2, 3, 5, 9], repeats=1, device="cpu")
+    overhead = measure_overhead(target, draft, "rrs", torch.tensor([1, 2, 3]), costs, k=2, depths=(1, 4), max_new_tokens=4,
+                                repeats=1, seed=0, device="cpu")  # batch 1, not 3
+    assert overhead.per_round_ms >= 0
+    single = measure_overhead(target, draft, "spechub", [[1, 2, 3]], costs, max_new_tokens=4, repeats=1, seed=0, device="cpu")
+    assert single.per_depth_ms == 0.0  # k = 2 at depth 1 only: per-round part only
