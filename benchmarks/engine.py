@@ -81,8 +81,8 @@ def run(args) -> dict:
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "load_start": os.getloadavg()[0],
     }
-    costs = {b: {"target_1": forward_ms(target, b, 1), "target_9": forward_ms(target, b, 9),
-                 "draft_1": forward_ms(draft, b, 1), "draft_2": forward_ms(draft, b, 2)} for b in args.batches}
+    costs = {b: {"target_1": forward_ms(target, b, 1, device="cpu"), "target_9": forward_ms(target, b, 9, device="cpu"),
+                 "draft_1": forward_ms(draft, b, 1, device="cpu"), "draft_2": forward_ms(draft, b, 2, device="cpu")} for b in args.batches}
     rows = []
     for batch in args.batches:
         prompts = prompts_for(batch, args.prompt_len, seed=batch)

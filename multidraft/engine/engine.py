@@ -57,6 +57,9 @@ class GenerationStats:
     reached_by_depth: list[int] = field(default_factory=list)  # walks that reached depth d's drafts
     accepted_by_depth: list[int] = field(default_factory=list)  # ... and accepted one of them
     acceptance_by_depth: list[float] = field(default_factory=list)  # accepted / reached per depth
+    # the same two counts request by request: [B][depth] (the spread of acceptance over requests)
+    reached_by_request: list[list[int]] = field(default_factory=list)
+    accepted_by_request: list[list[int]] = field(default_factory=list)
     rounds_by_shape: dict = field(default_factory=dict)  # {(k, D): rounds}; (0, 0) a plain decoding step
     seconds: float = 0.0
     tokens_per_second: float = 0.0
@@ -915,6 +918,9 @@ class Engine:
         seq_len = prompt_len.clone()  # [B]
         emitted_per_request = torch.zeros(bsz, dtype=torch.long, device=device)  # [B]
         rounds_per_request = torch.zeros(bsz, dtype=torch.long, device=device)  # [B]
+        reached_per_request = torch.zeros(bsz, depth, dtype=torch.long, device=device)  # [B, D]
+        accepted_per_request = torch.zeros(bsz, depth, dtype=torch.long, device=device)  # [B, D]
+        levels = torch.arange(depth, device=device)  # [D]
 
         # Batch row -> request.  A request that is done leaves the batch (its tokens go to `result`),
         # so later rounds draft, score and walk for the unfinished requests only.
@@ -951,6 +957,10 @@ class Engine:
             stats.draft2_passes += passes2
             emitted_per_request.index_add_(0, request, torch.where(active, accepted + 1, 0))
             rounds_per_request.index_add_(0, request, active.long())
+            # a walk that accepted a drafts reached depths 1 .. a + 1 of this round's tree and accepted 1 .. a
+            in_tree = (levels < depth) & active.unsqueeze(1)  # [B, D]
+            reached_per_request.index_add_(0, request, ((accepted.unsqueeze(1) >= levels) & in_tree).long())
+            accepted_per_request.index_add_(0, request, ((accepted.unsqueeze(1) > levels) & in_tree).long())
             if bool(done.any()):
                 result[request[done]] = seq[done]
                 stay = (~done).nonzero().squeeze(1)
@@ -974,6 +984,7 @@ class Engine:
         stats.new_tokens = int(lengths.sum())
         stats.block_efficiency = int(emitted_per_request.sum()) / max(int(rounds_per_request.sum()), 1)
         stats.block_efficiency_per_request = (emitted_per_request / rounds_per_request.clamp(min=1)).tolist()
+        stats.reached_by_request, stats.accepted_by_request = reached_per_request.tolist(), accepted_per_request.tolist()
         stats.acceptance_by_depth = [a / r if r else float("nan") for a, r in zip(stats.accepted_by_depth, stats.reached_by_depth)]
         stats.tokens_per_second = stats.new_tokens / stats.seconds if stats.seconds > 0 else float("inf")
         return GenerationOutput(tokens, lengths, stats)

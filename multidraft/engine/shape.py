@@ -22,7 +22,6 @@ present) for the timings as for the engine runs.
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 import statistics
@@ -96,43 +95,6 @@ def measure_costs(target, draft, batch_sizes, token_counts, **kwargs) -> dict:
             for name, model in (("target", target), ("draft", draft))}
 
 
-_SPECULATE = inspect.signature(Engine._speculate)
-
-
-class _CountingEngine(Engine):
-    """An ``Engine`` that also counts, request by request, the rounds whose walk reached and
-    accepted each depth (``GenerationStats`` pools those over the requests): after a call,
-    ``reached`` and ``accepted`` are [B, depth] tensors.  A round that accepted a tokens reached
-    depths 1 .. a + 1 and accepted depths 1 .. a (the walk stops at its first rejection).  The
-    batch drops finished requests (``RequestRandom.keep``), so the rows are followed there."""
-
-    def decode(self, *args, **kwargs):
-        self.reached = self.accepted = self._random = None
-        return super().decode(*args, **kwargs)
-
-    def _speculate(self, *args, **kwargs):
-        bound = _SPECULATE.bind(self, *args, **kwargs).arguments
-        random, active, depth, seq = bound["random"], bound["active"], bound["depth"], bound["seq"]
-        if random is not self._random:  # a call's first round: every request is in the batch
-            self._random, device = random, seq.device
-            self._rows = torch.arange(seq.shape[0], device=device)
-            self.reached = torch.zeros(seq.shape[0], self.depth, dtype=torch.long, device=device)
-            self.accepted = torch.zeros_like(self.reached)
-            keep = random.keep
-
-            def follow(index, keep=keep):  # the requests ``index`` stay in the batch
-                self._rows = self._rows[index.to(self._rows.device)]
-                keep(index)
-
-            random.keep = follow
-        out = super()._speculate(*args, **kwargs)
-        accepted, levels = out[1].unsqueeze(1), torch.arange(depth, device=seq.device)  # [rows, 1], [D]
-        active = active.unsqueeze(1)
-        self.reached[:, :depth].index_add_(0, self._rows, ((accepted >= levels) & active).long())
-        self.accepted[:, :depth].index_add_(0, self._rows, ((accepted > levels) & active).long())
-        return out
-
-
 def calibrate_acceptance(target, draft, verifier, ks, max_depth: int, prompts, max_new_tokens: int = 48,
                          device=None, per_request: bool = False, **generate_options):
     """{k: [acceptance at depth 1 .. max_depth]} from one engine run per k (see the module docstring).
@@ -147,16 +109,11 @@ def calibrate_acceptance(target, draft, verifier, ks, max_depth: int, prompts, m
     """
     out, spread = {}, {}
     for k in ks:
-        cls = _CountingEngine if per_request else Engine
-        engine = cls(target, draft, verifier=verifier, num_drafts=k, depth=max_depth, device=device)
+        engine = Engine(target, draft, verifier=verifier, num_drafts=k, depth=max_depth, device=device)
         stats = engine.generate(prompts, max_new_tokens, **generate_options).stats
         out[k] = stats.acceptance_by_depth
-        if per_request:
-            if engine.reached is None:  # no round ran (max_new_tokens = 0)
-                spread[k] = []
-            else:
-                spread[k] = [[a / r if r else float("nan") for a, r in zip(acc, rea)]
-                             for acc, rea in zip(engine.accepted.tolist(), engine.reached.tolist())]
+        spread[k] = [[a / r if r else float("nan") for a, r in zip(acc, rea)]
+                     for acc, rea in zip(stats.accepted_by_request, stats.reached_by_request)]
     return (out, spread) if per_request else out
 
 

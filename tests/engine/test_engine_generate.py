@@ -212,3 +212,17 @@ def test_greedy_roots_are_the_drafts_top_tokens():
     logits = torch.tensor([[0.1, 3.0, 2.0, -1.0], [5.0, 0.5, 0.0, 1.0]])
     assert greedy_roots(logits, 2).tolist() == [[1, 2], [0, 3]]
     assert greedy_roots(logits, 6).tolist() == [[1, 2, 0, 3, 1, 1], [0, 3, 1, 2, 0, 0]]
+
+
+def test_per_request_depth_counts_add_up():
+    """stats.reached_by_request / accepted_by_request: summed over the requests they are the
+    pooled per-depth counts, and each request's give its own block efficiency (every round
+    reaches depth 1, and emits its accepted drafts plus one)."""
+    target, draft = TableModel.random(8, 3, seed=1), TableModel.random(8, 3, seed=2)
+    engine = Engine(target, draft, verifier="rrs", num_drafts=2, depth=3, device="cpu")
+    stats = engine.generate([[1, 2], [3], [4, 5, 6]], max_new_tokens=12, seed=0).stats
+    reached, accepted = torch.tensor(stats.reached_by_request), torch.tensor(stats.accepted_by_request)  # [B, D]
+    assert reached.sum(0).tolist() == stats.reached_by_depth and accepted.sum(0).tolist() == stats.accepted_by_depth
+    rounds = reached[:, 0].double()
+    torch.testing.assert_close((accepted.sum(1) + rounds) / rounds, torch.tensor(stats.block_efficiency_per_request, dtype=torch.float64))
+    assert bool((accepted <= reached).all()) and bool((reached[:, 1:] <= accepted[:, :-1]).all())
