@@ -56,6 +56,7 @@ def _import_plugins(modules) -> None:
 
 def cmd_compare(args) -> int:
     from .reports import CompareConfig, run_report, write_report
+    from .reports.compare import check_config
 
     _import_plugins(args.imports)
     config = CompareConfig(out_dir=args.out)
@@ -72,6 +73,15 @@ def cmd_compare(args) -> int:
         config.pair = None
     config.engine = not args.no_engine
     config.costs = not args.no_costs
+    check_config(config)  # bad counts first, by name
+    if args.no_pair:
+        dropped = [flag for flag, value in (("--hf-target", args.hf_target), ("--hf-draft", args.hf_draft),
+                                            ("--prompts-file", args.prompts_file), ("--context-length", args.context_length),
+                                            ("--tree-shapes", args.tree_shapes)) if value is not None]
+        if dropped:
+            raise ValueError(f"--no-pair leaves out the model pair and the engine, so {', '.join(dropped)} would do nothing; drop one or the other")
+    if args.no_engine and args.tree_shapes is not None:
+        raise ValueError("--no-engine skips the engine section, so --tree-shapes would do nothing; drop one or the other")
     what = ", ".join(([config.pair + " pair"] if config.pair else []) + config.families)
     print(f"comparing {', '.join(config.verifiers)} on {what}", file=sys.stderr)
     report = run_report(config, show_progress=not args.quiet)
@@ -129,24 +139,36 @@ def cmd_generate(args) -> int:
     _import_plugins(args.imports)
     if (args.target is None) != (args.draft is None):
         raise ValueError("give both --target and --draft (local Hugging Face model directories), or neither for the built-in pair")
+    check_device(args.device)
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1 (copies of the prompt decoded together), got {args.batch}")
+    demo = args.target is None and args.pair == "demo"
+    if args.model_seed is not None and not demo:
+        raise ValueError("--model-seed initialises the untrained demo pair (--pair demo); the shipped pair and --target models are loaded, not initialised")
+    if args.prompt_text is not None and (args.target is not None or demo):
+        raise ValueError("--prompt-text is for the shipped byte-level pair (one token per byte); with --target or --pair demo give token ids with --prompt")
+    if args.prompt_text is not None and args.prompt is not None:
+        raise ValueError("give --prompt (token ids) or --prompt-text, not both")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     decode = None
+    attention = args.attn_implementation
     if args.target is not None:
-        target, draft = HFModel.from_pretrained(args.target), HFModel.from_pretrained(args.draft)
+        target, draft = HFModel.from_pretrained(args.target, attention), HFModel.from_pretrained(args.draft, attention)
         pair = f"target {args.target}, draft {args.draft}"
-    elif args.pair == "demo":
-        target, draft = demo_pair(seed=args.model_seed)
-        pair = f"built-in GPT pair (seed {args.model_seed}, untrained): target 8 layers x 256, draft = its first layer (early exit)"
+    elif demo:
+        seed = args.model_seed or 0
+        target, draft = demo_pair(seed=seed)
+        pair = f"built-in GPT pair (seed {seed}, untrained): target 8 layers x 256, draft = its first layer (early exit)"
     else:
         from .engine.pretrained import decode, load_pair
 
         target, draft = load_pair()
         pair = "shipped byte-level pair (target 4 layers x 128, draft 1 layer x 64, trained on Python source)"
         if args.prompt is None:
-            args.prompt = list(prompt_bytes(args.prompt_text))
+            args.prompt = list(prompt_bytes("def " if args.prompt_text is None else args.prompt_text))
     options = {}
     for item in args.verifier_option or []:
         key, sep, text = item.partition("=")
@@ -162,7 +184,7 @@ def cmd_generate(args) -> int:
 
         draft2 = load_ngram(2)  # the Engine refuses it, naming both vocabularies, beside a draft of another V
     elif args.draft2 is not None:
-        draft2 = HFModel.from_pretrained(args.draft2)
+        draft2 = HFModel.from_pretrained(args.draft2, attention)
     prompt = args.prompt if args.prompt is not None else [1]  # an empty --prompt "" is the engine's error
     prompts = [prompt] * args.batch
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -201,6 +223,22 @@ def cmd_generate(args) -> int:
 
 
 ADAPTIVE_CALIBRATION_PROMPTS = 16  # acceptance is calibrated on at least this many prompts
+ADAPTIVE_CALIBRATION_TOKENS = 32  # ... of this many new tokens each, whatever -n asks for
+
+
+def check_device(device) -> None:
+    """Raise a ValueError for a device name torch does not know or a CUDA device it cannot use
+    (instead of a traceback from deep inside the first tensor moved there)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a device torch knows ({err}); use cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: this torch build sees no CUDA device; use cpu")
 
 
 def adaptive_engine(args, target, draft, prompt, options, draft2, sampling):
@@ -221,7 +259,7 @@ def adaptive_engine(args, target, draft, prompt, options, draft2, sampling):
         calibration = [prompt] * count
     print(f"calibrating the shape policy at batch {args.batch} ...", file=sys.stderr)
     policy = ShapePolicy.calibrate(target, draft, args.verifier, calibration, batch_sizes=[args.batch],
-                                   max_new_tokens=min(args.max_new_tokens, 32) or 1, device=args.device, **sampling)
+                                   max_new_tokens=ADAPTIVE_CALIBRATION_TOKENS, device=args.device, **sampling)
     return AdaptiveEngine(target, draft, policy, device=args.device)
 
 
@@ -282,12 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--pair", choices=["shipped", "demo"], default="shipped",
                      help="built-in model pair: the shipped trained pair (default) or the untrained demo pair")
     gen.add_argument("--prompt", type=_csv(int), help="comma-separated token ids (default: 1, or --prompt-text for the shipped pair)")
-    gen.add_argument("--prompt-text", default="def ", help="prompt text for the shipped byte-level pair; \\n escapes allowed (default 'def ')")
+    gen.add_argument("--prompt-text", help="prompt text for the shipped byte-level pair; \\n escapes allowed (default 'def ')")
     gen.add_argument("--batch", type=int, default=1, help="copies of the prompt decoded together (default 1)")
     gen.add_argument("--eos", type=int, help="stop a request at this token id")
     gen.add_argument("--target", help="local Hugging Face causal-LM directory for the target")
     gen.add_argument("--draft", help="local Hugging Face causal-LM directory for the draft")
-    gen.add_argument("--model-seed", type=int, default=0, help="initialisation seed of the built-in pair (default 0)")
+    gen.add_argument("--model-seed", type=int, help="initialisation seed of the untrained demo pair, --pair demo (default 0)")
+    gen.add_argument("--attn-implementation", choices=["sdpa", "eager"], default="sdpa",
+                     help="attention backend for --target/--draft/--draft2 directories (default sdpa; some architectures need eager)")
     gen.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     gen.add_argument("--threads", type=int, help="torch.set_num_threads")
     gen.add_argument("--import", dest="imports", action="append", metavar="MODULE",

@@ -160,3 +160,30 @@ def test_cli_prompt_text_is_utf8_with_escapes():
     assert list(prompt_bytes("é")) == [195, 169]  # had been encoded twice: [195, 131, 194, 169]
     assert prompt_bytes("def f():\\n\\treturn") == b"def f():\n\treturn"
     assert prompt_bytes("\\xff") == b"\xff"  # a raw byte
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model-seed", "5"], "--model-seed initialises the untrained demo pair"),
+    (["--pair", "demo", "--prompt-text", "hi"], "--prompt-text is for the shipped byte-level pair"),
+    (["--prompt", "1,2", "--prompt-text", "hi"], "give --prompt (token ids) or --prompt-text, not both"),
+    (["--batch", "0"], "--batch must be >= 1 (copies of the prompt decoded together), got 0"),
+    (["--device", "foo"], "--device 'foo' is not a device torch knows"),
+])
+def test_cli_generate_refuses_options_it_would_ignore_or_crash_on(capsys, args, message):
+    """Options that did nothing without a word (a model seed for a loaded pair, prompt text next
+    to token ids) and values that ended in a traceback (review)."""
+    assert main(["generate", *args, "-n", "2"]) == 2, args
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a build without CUDA")
+def test_cli_generate_refuses_cuda_without_cuda(capsys):
+    assert main(["generate", "--device", "cuda", "-n", "2"]) == 2
+    assert "this torch build sees no CUDA device" in capsys.readouterr().err
+
+
+def test_cli_compare_refuses_options_a_switch_drops(capsys):
+    assert main(["compare", "--no-pair", "--context-length", "8"]) == 2
+    assert "--no-pair leaves out the model pair and the engine, so --context-length would do nothing" in capsys.readouterr().err
+    assert main(["compare", "--no-engine", "--tree-shapes", "2x2"]) == 2
+    assert "--no-engine skips the engine section, so --tree-shapes would do nothing" in capsys.readouterr().err
