@@ -65,7 +65,7 @@ def test_float32_draft_law_without_replacement_keeps_float32_precision(name):
     exact = verifier.draft_probability(q.expand(len(tuples), -1), tuples)
     single = verifier.draft_probability(q.float().expand(len(tuples), -1), tuples).double()
     assert single.dtype == torch.float64 and abs(float(single.sum()) - 1) < 1e-6
-    torch.testing.assert_close(single, exact, rtol=5e-7, atol=0)
+    torch.testing.assert_close(single, exact, rtol=2e-6, atol=0)  # float32 rounding of q: ~8 ulps; the old sum: 7e-6
 
 
 @pytest.mark.parametrize("dtype,drift", [(torch.float64, 9e-7), (torch.float32, 9e-5)])

@@ -850,6 +850,9 @@ class Engine:
             check_width(v, "num_drafts", num_drafts)
             if depth > 1:
                 check_deep_tree_support(v, depth)
+            if draft2 is not None and not chain_runs(None, depth):
+                raise ValueError("draft2 (staged drafting) speeds up each drafted sequence's tokens after its first; "
+                                 "depth = 1 has none, so draft2 would never run")
         self.vocab_size = v_target
         self.num_drafts, self.depth = num_drafts, depth  # k: sequences (paths) per tree; D: its depth
         self.device = torch.device(device if device is not None else default_device())

@@ -109,10 +109,10 @@ def check_architecture(model: nn.Module) -> None:
         raise ValueError(f"{arch} cannot run in the engine: layer types {odd} are neither full nor sliding-window "
                          f"attention (recurrent state, chunked attention, ...), which one per-token KV cache and a "
                          f"tree mask do not express")
-    v_dim, qk_dims = getattr(config, "v_head_dim", None), (getattr(config, "qk_nope_head_dim", None), getattr(config, "qk_rope_head_dim", None))
-    if v_dim is not None and None not in qk_dims and v_dim != sum(qk_dims):
-        raise ValueError(f"{arch} cannot run in the engine: its keys ({sum(qk_dims)} per head) and values ({v_dim}) differ "
-                         f"in size (multi-head latent attention), and the KV cache holds one head size")
+    if getattr(config, "kv_lora_rank", None) is not None:
+        raise ValueError(f"{arch} cannot run in the engine: multi-head latent attention (kv_lora_rank = {config.kv_lora_rank}) "
+                         f"caches keys and values of their own sizes (qk_nope_head_dim + qk_rope_head_dim, v_head_dim), and "
+                         f"the KV cache holds one head size")
 
 
 def kv_heads(config) -> int:
@@ -152,9 +152,14 @@ class HFModel(nn.Module):
         layer_types = getattr(config, "layer_types", None)
         sliding = window is not None and (layer_types is None or "sliding_attention" in layer_types)
         self.sliding_window = int(window) if sliding and getattr(config, "use_sliding_window", True) is not False else None
-        if "local" in (getattr(config, "attention_layers", None) or []):
-            # GPT-Neo's local layers: a window of window_size cache slots (not positions)
-            self.sliding_window = int(config.window_size)
+        # Cache slots the model indexes by slot, not by position: GPT-Neo slices a causal buffer
+        # of max_position_embeddings slots in every layer, and its local layers keep the last
+        # window_size slots.  A tree round uses more slots than positions, so the cache is capped.
+        self.max_slots = None
+        if getattr(config, "model_type", None) == "gpt_neo":
+            self.max_slots = int(config.max_position_embeddings)
+            if "local" in (getattr(config, "attention_layers", None) or []):
+                self.sliding_window = int(config.window_size)
         # The positions the model is configured for: past a learned table (GPT-2's n_positions,
         # OPT's max_position_embeddings) the embedding lookup fails with an index error, so the
         # engine checks this up front (``models.check_positions``)
@@ -177,6 +182,11 @@ class HFModel(nn.Module):
             raise ValueError(
                 f"{type(self.model).__name__} has a sliding window of {self.sliding_window} tokens, which the engine's "
                 f"4-D mask does not apply; sequences must fit in it, got a cache of max_len = {max_len}"
+            )
+        if self.max_slots is not None and max_len > self.max_slots:
+            raise ValueError(
+                f"{type(self.model).__name__} indexes its causal mask buffer by cache slot, up to max_position_embeddings = "
+                f"{self.max_slots}; a round's tree needs more slots than positions, got a cache of max_len = {max_len}"
             )
         return KVCache(self.n_layers, batch_size, self.n_kv_heads, max_len, self.head_dim, dtype=self.dtype, device=device)
 

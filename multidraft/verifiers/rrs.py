@@ -52,8 +52,11 @@ def acceptance_at(px: Tensor, qx: Tensor, c: Tensor, m: Tensor, z: Tensor) -> Te
 
 
 # Below this much draftable mass the running ``total - drafted`` loses more than ~1e-14 of its
-# relative precision, and the rows concerned take the exact sum instead.
+# relative precision (float64), and the rows concerned take the exact sum instead.  In a lower
+# precision the guard is 1/2: below it the difference would carry several ulps of error (a float32
+# z of 0.0103 carried 6e-6 relative, review), while the exact sum keeps about one.
 CANCELLATION_GUARD = 1e-2
+LOW_PRECISION_GUARD = 0.5
 
 
 def draftable_mass(q: Tensor, drafts: Tensor) -> Tensor:
@@ -61,18 +64,18 @@ def draftable_mass(q: Tensor, drafts: Tensor) -> Tensor:
     replacement.  ``q.sum() - cumsum`` cancels when the first drafts hold nearly all of q (a
     peaked, low-temperature draft: 1 - max q = 4e-10 moved rrs-wor's output law by 1.3e-8); rows
     where it falls below CANCELLATION_GUARD are recomputed as the undrafted tokens' own sum
-    plus the later drafts, both sums of positive terms.  Summed in float64 whatever q's dtype:
-    the guard's 1e-14 assumes it (a float32 z just above the guard carried 6e-6 of relative error
-    into every ratio q(x) / z), and z is rounded to q's dtype once, at the end."""
-    if q.dtype != torch.float64:
-        return draftable_mass(q.double(), drafts).to(q.dtype)
+    plus the later drafts, both sums of positive terms, in float64 and rounded to q's dtype once
+    (LOW_PRECISION_GUARD for float32 rows)."""
     qx = q.gather(1, drafts)  # [B, k]
     z = q.sum(dim=-1, keepdim=True) - qx.cumsum(dim=1) + qx  # [B, k]
-    low = (z < CANCELLATION_GUARD).any(dim=1)  # [B]
+    guard = CANCELLATION_GUARD if q.dtype == torch.float64 else LOW_PRECISION_GUARD
+    low = (z < guard).any(dim=1)  # [B]
     if bool(low.any()):
         rows = low.nonzero().squeeze(1)
-        undrafted = q[rows].scatter(1, drafts[rows], 0.0).sum(dim=-1, keepdim=True)  # [n, 1]
-        z[rows] = undrafted + qx[rows].flip(1).cumsum(dim=1).flip(1)
+        # in float64 (only these rows), rounded once: positive terms, no cancellation
+        qx_low = qx[rows].double()
+        undrafted = q[rows].double().scatter(1, drafts[rows], 0.0).sum(dim=-1, keepdim=True)  # [n, 1]
+        z[rows] = (undrafted + qx_low.flip(1).cumsum(dim=1).flip(1)).to(q.dtype)
     return z
 
 

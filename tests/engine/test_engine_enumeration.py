@@ -107,7 +107,7 @@ def tables():
     return (TableModel.random(VOCAB, 3, seed=21, zero_prob=0.2), TableModel.random(VOCAB, 3, seed=22, zero_prob=0.2))
 
 
-@pytest.mark.parametrize("name,k,depth", [("rrs", 2, 2), ("rrs", 3, 2), ("rrs", 2, 3), ("single", 1, 3), ("rrs-wor", 2, 1), ("rrs-wor", 2, 2), ("rrs-wor", 2, 3), ("spechub", 2, 1), ("kseq", 2, 2), ("importance", 2, 2), ("optimal", 2, 2), ("optimal-wor", 2, 2), ("gls", 2, 2)])
+@pytest.mark.parametrize("name,k,depth", [("rrs", 2, 2), ("rrs", 3, 2), ("rrs", 2, 3), ("single", 1, 3), ("rrs-wor", 2, 1), ("rrs-wor", 2, 2), ("rrs-wor", 2, 3), ("spechub", 2, 1), ("kseq", 2, 2), ("importance", 2, 2), ("optimal", 2, 2), ("optimal-wor", 2, 2), ("gls", 2, 2), ("otm", 2, 2), ("greedy", 2, 1)])
 def test_one_round_is_exact(tables, name, k, depth):
     target, draft = tables
     verifier = md.get_verifier(name)
@@ -178,7 +178,7 @@ def branching_round_law(verifier, target, draft, prompt, widths):
 
 
 @pytest.mark.parametrize("name,widths", [("rrs", (2, 2)), ("rrs", (3, 1)), ("rrs-wor", (2, 2)), ("spechub", (2, 2)),
-                                         ("greedy", (2, 2)), ("optimal", (2, 1)), ("optimal-wor", (2, 2)), ("gls", (2, 2)), ("single", (1, 1, 1))])
+                                         ("greedy", (2, 2)), ("optimal", (2, 1)), ("optimal-wor", (2, 2)), ("gls", (2, 2)), ("single", (1, 1, 1)), ("otm", (2, 1))])
 def test_branching_round_is_exact(tables, name, widths):
     target, draft = tables
     got = branching_round_law(md.get_verifier(name), target, draft, [1, 0], widths)

@@ -152,8 +152,17 @@ def test_unsupported_architectures_are_named():
                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=None,
                                         kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                                         n_routed_experts=2, num_experts_per_tok=1, first_k_dense_replace=1)
-    with pytest.raises(ValueError, match=r"keys \(16 per head\) and values \(8\) differ in size"):
+    with pytest.raises(ValueError, match=r"multi-head latent attention \(kv_lora_rank = 16\)"):
         HFModel(transformers.DeepseekV3ForCausalLM(mla).eval())
+    mla.v_head_dim = 16  # equal key and value sizes: still MLA, still refused (review)
+    with pytest.raises(ValueError, match=r"multi-head latent attention"):
+        HFModel(transformers.DeepseekV3ForCausalLM(mla).eval())
+    # an all-global GPT-Neo still slices a causal buffer of max_position_embeddings slots
+    neo_config = transformers.GPTNeoConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2,
+                                           attention_types=[[["global", "global"], 1]], max_position_embeddings=40)
+    neo = HFModel(transformers.GPTNeoForCausalLM(neo_config).eval())
+    with pytest.raises(ValueError, match="up to max_position_embeddings = 40; .* max_len = 44"):
+        neo.new_cache(1, 44)
 
 
 OTHER = {  # more decoder-only architectures, built tiny from their configs

@@ -141,6 +141,8 @@ def test_draft2_errors():
         Engine(target, draft, draft2=TableModel.random(5, 2, seed=0))
     with pytest.raises(ValueError, match="widths \\(2, 2\\) have none, so draft2 would never run"):
         Engine(target, draft, widths=(2, 2), draft2=TableModel.random(4, 2, seed=0))
+    with pytest.raises(ValueError, match="depth = 1 has none, so draft2 would never run"):
+        Engine(target, draft, num_drafts=2, depth=1, draft2=TableModel.random(4, 2, seed=0))
     with pytest.raises(ValueError, match="the draft2 must have an int attribute vocab_size"):
         Engine(target, draft, draft2=object())
 
