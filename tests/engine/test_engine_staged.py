@@ -103,35 +103,41 @@ def test_staged_q_equals_a_fresh_draft_forward():
                     torch.testing.assert_close(q_levels[b, level, i], full[prompts.shape[1] - 1 + level], rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("name,k,depth,sampling,zero_prob", [
-    ("rrs", 2, 3, {}, 0.0),
-    ("rrs-wor", 2, 3, {"temperature": 0.8, "top_k": 3}, 0.0),
-    ("kseq", 3, 2, {}, 0.3),
+@pytest.mark.parametrize("name,shape,sampling,zero_prob,seed", [
+    ("rrs", {"num_drafts": 2, "depth": 3}, {}, 0.0, 77),
+    ("rrs-wor", {"num_drafts": 2, "depth": 3}, {"temperature": 0.8, "top_k": 3}, 0.0, 77),
+    ("kseq", {"num_drafts": 3, "depth": 2}, {}, 0.3, 77),
+    # branching trees: draft2 speeds up their chains (width-1 depths below the root)
+    ("rrs", {"widths": (2, 1, 1)}, {}, 0.0, 78),
+    ("rrs-wor", {"widths": (2, 1, 1)}, {"temperature": 0.8, "top_k": 3}, 0.0, 78),
+    ("kseq", {"widths": (1, 2, 1)}, {}, 0.0, 78),
 ])
-def test_engine_with_draft2_is_exact(name, k, depth, sampling, zero_prob):
+def test_engine_with_draft2_is_exact(name, shape, sampling, zero_prob, seed):
     target, draft, draft2 = tables(zero_prob)
-    engine = Engine(target, draft, verifier=name, num_drafts=k, depth=depth, device="cpu", draft2=draft2)
+    engine = Engine(target, draft, verifier=name, device="cpu", draft2=draft2, **shape)
     prompt, samples = [1, 2], 100_000
-    out = engine.generate(torch.tensor([prompt]).expand(samples, -1), max_new_tokens=NEW, seed=77, **sampling)
+    out = engine.generate(torch.tensor([prompt]).expand(samples, -1), max_new_tokens=NEW, seed=seed, **sampling)
     counts = np.bincount(encode(out.tokens, VOCAB), minlength=VOCAB**NEW)
-    assert_law(counts, sequence_law(target, prompt, NEW, **sampling), f"engine {name} with draft2")
+    assert_law(counts, sequence_law(target, prompt, NEW, **sampling), f"engine {name} {shape} with draft2")
     assert all(0 < a < 1 for a in out.stats.acceptance_by_depth), out.stats.acceptance_by_depth
     assert out.stats.draft2_passes > 0
 
 
-def test_draft2_greedy_equals_plain_greedy_and_seeds_repeat():
+@pytest.mark.parametrize("name,shape,n", [("rrs", {"num_drafts": 2, "depth": 4}, 10),
+                                          ("rrs-wor", {"widths": (3, 1, 2, 1, 1)}, 12)])
+def test_draft2_greedy_equals_plain_greedy_and_seeds_repeat(name, shape, n):
     torch.manual_seed(0)
     target = GPT(GPTConfig(vocab_size=32, n_layer=2, n_head=2, dim=32)).double().eval()
     draft = GPT(GPTConfig(vocab_size=32, n_layer=1, n_head=2, dim=16)).double().eval()
     draft2 = TableModel.random(32, 2, seed=3)
     prompts = [[3, 1, 4, 1, 5], [9], [2, 6, 5, 3, 5, 8]]
-    engine = Engine(target, draft, verifier="rrs", num_drafts=2, depth=4, device="cpu", draft2=draft2)
-    out = engine.generate(prompts, max_new_tokens=10, temperature=0.0)
+    engine = Engine(target, draft, verifier=name, device="cpu", draft2=draft2, **shape)
+    out = engine.generate(prompts, max_new_tokens=n, temperature=0.0)
     for b, prompt in enumerate(prompts):
-        assert out.tokens[b].tolist() == plain_greedy(target, prompt, 10), f"request {b}"
-    a = engine.generate(prompts, max_new_tokens=10, temperature=1.0, seed=[1, 2, 3])
-    b = engine.generate(prompts, max_new_tokens=10, temperature=1.0, seed=[1, 2, 3])
-    alone = engine.generate([prompts[1]], max_new_tokens=10, temperature=1.0, seed=[2])
+        assert out.tokens[b].tolist() == plain_greedy(target, prompt, n), f"request {b}"
+    a = engine.generate(prompts, max_new_tokens=n, temperature=1.0, seed=[1, 2, 3])
+    b = engine.generate(prompts, max_new_tokens=n, temperature=1.0, seed=[1, 2, 3])
+    alone = engine.generate([prompts[1]], max_new_tokens=n, temperature=1.0, seed=[2])
     assert torch.equal(a.tokens, b.tokens) and a.tokens[1].tolist() == alone.tokens[0].tolist()
 
 
@@ -231,38 +237,6 @@ def test_staged_branching_paths_follow_the_draft_law():
         tail = sequence_law(draft, prompt + [head // VOCAB, head % VOCAB], 2)  # [V^2]
         joint[head * VOCAB**4 : (head + 1) * VOCAB**4] = prefixes[head] * np.outer(tail, tail).reshape(-1)
     assert_law(counts, joint, "staged branching siblings")
-
-
-@pytest.mark.parametrize("name,widths,sampling", [
-    ("rrs", (2, 1, 1), {}),
-    ("rrs-wor", (2, 1, 1), {"temperature": 0.8, "top_k": 3}),
-    ("kseq", (1, 2, 1), {}),
-])
-def test_engine_with_draft2_on_a_branching_tree_is_exact(name, widths, sampling):
-    target, draft, draft2 = tables()
-    engine = Engine(target, draft, verifier=name, widths=widths, device="cpu", draft2=draft2)
-    prompt, samples = [1, 2], 100_000
-    out = engine.generate(torch.tensor([prompt]).expand(samples, -1), max_new_tokens=NEW, seed=78, **sampling)
-    counts = np.bincount(encode(out.tokens, VOCAB), minlength=VOCAB**NEW)
-    assert_law(counts, sequence_law(target, prompt, NEW, **sampling), f"engine {name} {widths} with draft2")
-    assert all(0 < a < 1 for a in out.stats.acceptance_by_depth), out.stats.acceptance_by_depth
-    assert out.stats.draft2_passes > 0
-
-
-def test_draft2_on_a_branching_tree_greedy_equals_plain_greedy_and_seeds_repeat():
-    torch.manual_seed(0)
-    target = GPT(GPTConfig(vocab_size=32, n_layer=2, n_head=2, dim=32)).double().eval()
-    draft = GPT(GPTConfig(vocab_size=32, n_layer=1, n_head=2, dim=16)).double().eval()
-    draft2 = TableModel.random(32, 2, seed=3)
-    prompts = [[3, 1, 4, 1, 5], [9], [2, 6, 5, 3, 5, 8]]
-    engine = Engine(target, draft, verifier="rrs-wor", widths=(3, 1, 2, 1, 1), device="cpu", draft2=draft2)
-    out = engine.generate(prompts, max_new_tokens=12, temperature=0.0)
-    for b, prompt in enumerate(prompts):
-        assert out.tokens[b].tolist() == plain_greedy(target, prompt, 12), f"request {b}"
-    a = engine.generate(prompts, max_new_tokens=12, temperature=1.0, seed=[1, 2, 3])
-    b = engine.generate(prompts, max_new_tokens=12, temperature=1.0, seed=[1, 2, 3])
-    alone = engine.generate([prompts[1]], max_new_tokens=12, temperature=1.0, seed=[2])
-    assert torch.equal(a.tokens, b.tokens) and a.tokens[1].tolist() == alone.tokens[0].tolist()
 
 
 def test_draft2_on_a_tree_needs_a_plain_one_draft_scheme(monkeypatch):
