@@ -152,23 +152,23 @@ def run_adaptive(args) -> dict:
             # a shape listed twice (the choice is also a fixed shape) is timed once
             measured = time_shapes(target, draft, args.adaptive_verifier, batches, [(0, 0), *shapes.values()],
                                    args.new_tokens, args.repeats, device="cpu", **settings)
-            median = {name: measured[shape] for name, shape in shapes.items()}
-            best_fixed = max((name for name in shapes if name != "adaptive"), key=median.get)
+            rate = {name: measured[shape] for name, shape in shapes.items()}  # best of the repeats
+            best_fixed = max((name for name in shapes if name != "adaptive"), key=rate.get)
             base = measured[0, 0]
             row = {"batch": batch, "temperature": temperature, "k": choice.num_drafts, "depth": choice.depth,
                    "predicted_block_efficiency": choice.block_efficiency, "predicted_tokens_per_s": choice.tokens_per_second,
                    "overhead_per_round_ms": overhead.per_round_ms, "overhead_per_depth_ms": overhead.per_depth_ms,
                    "overhead_plain_ms": overhead.plain_ms,
                    "trial_tokens_per_s": {f"{k},{d}": rate for (k, d), rate in policy.trials.get(batch, {}).items()},
-                   "ar_tokens_per_s": base, "spec_tokens_per_s": median["adaptive"], "speedup": median["adaptive"] / base,
-                   "best_fixed": best_fixed, "best_fixed_tokens_per_s": max(median[best_fixed], base),
-                   "fixed_tokens_per_s": {name: median[name] for name in shapes if name != "adaptive"}}
-            row["vs_best"] = median["adaptive"] / row["best_fixed_tokens_per_s"]
+                   "ar_tokens_per_s": base, "spec_tokens_per_s": rate["adaptive"], "speedup": rate["adaptive"] / base,
+                   "best_fixed": best_fixed, "best_fixed_tokens_per_s": max(rate[best_fixed], base),
+                   "fixed_tokens_per_s": {name: rate[name] for name in shapes if name != "adaptive"}}
+            row["vs_best"] = rate["adaptive"] / row["best_fixed_tokens_per_s"]
             rows.append(row)
             print(f"adaptive B={batch:<3} T={temperature:<3} picks k={choice.num_drafts} D={choice.depth} (predicted {choice.tokens_per_second:.0f} tok/s, "
                   f"trial {row['trial_tokens_per_s']}, "
-                  f"overhead {overhead.per_round_ms:.1f} + {overhead.per_depth_ms:.1f}/depth ms, plain {overhead.plain_ms:.1f} ms)  AR {base:.1f}  adaptive {median['adaptive']:.1f}  "
-                  f"best fixed {best_fixed} {median[best_fixed]:.1f}  adaptive/best {row['vs_best']:.2f}", file=sys.stderr, flush=True)
+                  f"overhead {overhead.per_round_ms:.1f} + {overhead.per_depth_ms:.1f}/depth ms, plain {overhead.plain_ms:.1f} ms)  AR {base:.1f}  adaptive {rate['adaptive']:.1f}  "
+                  f"best fixed {best_fixed} {rate[best_fixed]:.1f}  adaptive/best {row['vs_best']:.2f}", file=sys.stderr, flush=True)
     return {"adaptive_rows": rows, "verifier": args.adaptive_verifier}
 
 
@@ -226,7 +226,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--verifiers", nargs="+", help="subset of: " + ", ".join(sorted({c[0] for c in CONFIGS})))
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--repeats", type=int, help=f"timed runs of each (median; default {DEFAULTS['repeats']})")
+    parser.add_argument("--repeats", type=int, help=f"timed runs of each (median; the adaptive run: best; default {DEFAULTS['repeats']})")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: a shared machine)")
     parser.add_argument("--quick", action="store_true",
                         help=f"batches {QUICK['batches']}, {QUICK['repeats']} repeat, unless --batches or --repeats say otherwise")

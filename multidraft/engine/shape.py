@@ -291,10 +291,12 @@ def choose_shape(batch: int, costs: dict, acceptance: dict, max_depth: int | Non
 
 def time_shapes(target, draft, verifier: str, batches, shapes, max_new_tokens: int = 48, repeats: int = 3,
                 device=None, **generate_options) -> dict:
-    """{(k, D): median tokens/s} of decoding each batch of prompts in ``batches`` with each shape
+    """{(k, D): tokens/s} of decoding each batch of prompts in ``batches`` with each shape
     ((0, 0): plain decoding), a rate being total tokens over total seconds across the batches.
     The shapes are timed in turn ``repeats`` times, in alternating order, so that a drift of
-    the machine's speed falls on all of them alike; each is warmed up first."""
+    the machine's speed falls on all of them alike; each is warmed up first.  Each shape's rate
+    is its best run: on a shared machine noise only ever slows a run down (a burst during one
+    shape's slot had moved a median by a third), as ``measure_overhead`` takes its fastest."""
     def rate(shape, new_tokens):
         tokens = seconds = 0.0
         for prompts in batches:
@@ -313,7 +315,7 @@ def time_shapes(target, draft, verifier: str, batches, shapes, max_new_tokens: i
     for repeat in range(repeats):  # forward, then backward: a drift within a round favours no one
         for shape in shapes if repeat % 2 == 0 else shapes[::-1]:
             rates[shape].append(rate(shape, max_new_tokens))
-    return {shape: statistics.median(r) for shape, r in rates.items()}
+    return {shape: max(r) for shape, r in rates.items()}
 
 
 # ---- a policy measured once, an engine that follows it -----------------------------------------
