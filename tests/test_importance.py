@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -166,3 +167,18 @@ def test_the_selected_drafts_acceptance_is_a_lower_bound_at_three_drafts():
             assert lower <= rate + 1e-12
             gaps.append(rate - lower)
     assert max(gaps) > 1e-5  # measured 3.3e-5 (k = 3) and 9.1e-5 (k = 4) on one of these
+
+
+def test_verify_follows_the_kernel_where_the_selection_is_random():
+    """With one bucket beside the top token, the drafts [2, 4] of v6-dirichlet-a are selected
+    0.5 / 0.5 and each kept with probability 0.27 or 0.47: a verify that reused the keep coin
+    for the selection (a mutation audit) shifts the law there, which the generic suite's tuple,
+    whose selection is deterministic, cannot see."""
+    from chisquare import SAMPLES, assert_law
+
+    p, q = CASES["v6-dirichlet-a"]
+    verifier = md.get_verifier("importance", top=1, buckets=1)
+    drafts = torch.tensor([[2, 4]])
+    kernel = verifier.kernel(p.unsqueeze(0), q.unsqueeze(0), drafts)[0]
+    verdict = verifier.verify(p.expand(SAMPLES, -1), q.expand(SAMPLES, -1), drafts.expand(SAMPLES, -1), torch.Generator().manual_seed(3))
+    assert_law(np.bincount(verdict.token.numpy(), minlength=p.shape[0]), kernel.numpy(), "importance(top=1, buckets=1) on [2, 4]")

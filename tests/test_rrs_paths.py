@@ -38,6 +38,18 @@ def test_dense_and_fused_paths_agree(name, without_replacement, k, dtype):
     assert (dense != drafts[:, 0]).float().mean() > 0.1
 
 
+@pytest.mark.parametrize("name,without_replacement", [("rrs", False), ("rrs-wor", True)])
+def test_dense_and_fused_paths_agree_on_rows_off_from_one(name, without_replacement):
+    """rrs and rrs-wor work from the rows' own sums (needs_exact_sums = False): a fused kernel
+    that took sum(p) = 1 would part from the dense path on rows that do not sum to 1 (a mutation
+    audit: 872 of 4096 rows with m = 1 in the fused kernel; the suite had not noticed)."""
+    p, q, drafts, uniforms, u_fallback = _rows(name, 3, torch.float64, batch=4096)
+    p, q = p * 0.7, q * 1.3
+    dense = _verify_dense(p, q, drafts, without_replacement, uniforms, u_fallback)
+    fused = _verify_fused(p, q, drafts, without_replacement, uniforms, u_fallback)
+    assert torch.equal(dense, fused)
+
+
 def test_fused_path_is_the_same_on_any_number_of_threads():
     rows = _rows("rrs", 3, torch.float32, batch=37)
     one = on_threads(1, lambda: _verify_fused(*rows[:3], False, *rows[3:]))

@@ -61,10 +61,13 @@ def test_sequence_law_matches_target(name, k, depth, sampling, zero_prob, sample
     assert all(0 < a < 1 for a in acc), acc
 
 
-@pytest.mark.parametrize("name,widths,sampling", [("spechub", (2, 2), {}), ("rrs", (3, 1), {}), ("rrs-wor", (3, 2), {"top_p": 0.7})])
+@pytest.mark.parametrize("name,widths,sampling", [("spechub", (2, 2), {}), ("rrs", (3, 1), {}), ("rrs-wor", (3, 2), {"top_p": 0.7}),
+                                                 ("rrs-wor", (2, 4), {"top_k": 2}), ("optimal-wor", (2, 3), {"top_k": 2})])
 def test_branching_tree_sequence_law_matches_target(name, widths, sampling):
     """Branching trees: every node draws its own children (spechub, not i.i.d., at depth 2;
-    rrs-wor with nodes whose top-p support is below the width, which draw fewer children)."""
+    rrs-wor with nodes whose top-p support is below the width, which draw fewer children; and
+    below the root, where top-k leaves a node fewer tokens than its width: a mutation audit
+    found that verifying the spare children as real drafts went unseen)."""
     target, draft = models()
     engine = Engine(target, draft, verifier=name, widths=widths, device="cpu")
     prompt = [1, 2]
