@@ -165,3 +165,15 @@ def test_clocks_are_drawn_from_float64_uniforms_whatever_the_dtype():
     e64 = standard_exponential((64, 1000), like64, torch.Generator().manual_seed(3))
     assert e32.dtype == torch.float32 and torch.equal(e32, e64.float())
     assert bool((e32 > 0).all())
+
+
+def test_kernel_rows_that_need_a_finer_step_get_one():
+    """On these rows the first quadrature step leaves some kernel rows 1.4e-8 from summing to 1
+    (tuples of tiny probability, so the output law is exact either way); the kernel refines
+    them.  A looser refinement tolerance (a mutation audit's 1e-7) had passed every other test."""
+    g = torch.Generator().manual_seed(0)
+    p = (8 * torch.randn(5, generator=g, dtype=torch.float64)).softmax(-1)
+    q = (8 * torch.randn(5, generator=g, dtype=torch.float64)).softmax(-1)
+    tuples, prob, kernels = tuple_kernels(md.get_verifier("gls"), p, q, 2)
+    torch.testing.assert_close(kernels.sum(1), torch.ones(len(tuples), dtype=torch.float64), rtol=0, atol=TOL)
+    torch.testing.assert_close(prob @ kernels, p, rtol=0, atol=TOL)
