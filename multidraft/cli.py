@@ -104,9 +104,8 @@ def cmd_verifiers(args) -> int:
 
 def cmd_verify_exactness(args) -> int:
     from .proofs import check_exactness
-    from .verifiers import get_verifier
-
     from .proofs.checks import MIN_SAMPLES
+    from .verifiers import get_verifier
 
     if not 0 < args.family_alpha < 1:
         raise ValueError(f"--family-alpha must be in (0, 1), got {args.family_alpha}")

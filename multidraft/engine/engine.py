@@ -465,8 +465,7 @@ def score_tree(target, cache, seq, seq_len, x, canon, sampling, nodes: Tensor | 
 # ---- 3. verify -----------------------------------------------------------------------------
 
 
-def walk_tree(verifier, p_levels, q_levels, x, canon, paths, active, random: RequestRandom, stats_reached, stats_accepted,
-              spans=None):
+def walk_tree(verifier, p_levels, q_levels, x, canon, paths, active, random: RequestRandom, spans=None):
     """Walk each active request's tree from the root; return (emitted [B, D+1], accepted [B],
     path [B, D]): the first accepted[b] + 1 entries of emitted[b] are the round's new tokens,
     path[b, l] the slot of the accepted node at depth l + 1.
@@ -524,8 +523,6 @@ def walk_tree(verifier, p_levels, q_levels, x, canon, paths, active, random: Req
         emitted[rows, level] = token
         path[rows, level] = child
         hits = int(hit.sum())
-        stats_reached[level] += n
-        stats_accepted[level] += hits
         # The paths through the child: those of the node's that share its token at this level.
         alive = alive & (level_canon == child.unsqueeze(1))
         node = child
@@ -702,14 +699,18 @@ def check_deep_tree_support(verifier: Verifier, depth: int) -> None:
     )
 
 
-def check_staged_tree(verifier: Verifier, widths: tuple[int, ...]) -> None:
-    """Staged drafting speeds up a branching tree's chains (width-1 depths below the root) by
-    drawing each chain token from q through draft2's proposals: exact only where the verifier's
-    one-draft scheme is a plain draw from q.  Raise unless the tree has a chain and it is."""
-    if not chain_runs(widths, len(widths)):
+def check_staged_shape(verifier: Verifier, widths: tuple[int, ...] | None, depth: int) -> None:
+    """Staged drafting speeds up a tree's chains (``chain_runs``) by drawing each chain token
+    from q through draft2's proposals.  Raise unless the shape has a chain; on a branching tree,
+    also unless the verifier's one-draft scheme is a plain draw from q (its width-1 depths are
+    drawn by that scheme without draft2; a drafted sequence's later tokens always are draws)."""
+    if not chain_runs(widths, depth):
+        if widths is None:
+            raise ValueError("draft2 (staged drafting) speeds up each drafted sequence's tokens after its first; "
+                             f"depth = {depth} has none, so draft2 would never run")
         raise ValueError(f"draft2 (staged drafting) speeds up the chains of a tree, its depths of width 1 below the root; "
                          f"widths {widths} have none, so draft2 would never run")
-    if not (verifier.iid_drafts or one_draft_is_a_plain_draw(verifier)):
+    if widths is not None and not (verifier.iid_drafts or one_draft_is_a_plain_draw(verifier)):
         raise ValueError(f"draft2 draws a chain's tokens from q, but verifier {verifier.name!r} does not draft one token "
                          f"as a plain draw from q, so its width-1 depths cannot be staged")
 
@@ -721,14 +722,23 @@ MAX_TREE_PATHS = 4096
 MAX_DEPTH = 256
 
 
+def takes_drafts(verifier: Verifier, width: int) -> bool:
+    """Whether the verifier takes ``width`` drafts at a node."""
+    return width >= verifier.min_drafts and (verifier.max_drafts is None or width <= verifier.max_drafts)
+
+
+def draft_limits(verifier: Verifier) -> str:
+    """The draft counts a verifier takes, for error messages: "1..4" or ">= 1"."""
+    v = verifier
+    return f"{v.min_drafts}..{v.max_drafts}" if v.max_drafts is not None else f">= {v.min_drafts}"
+
+
 def check_width(verifier: Verifier, name: str, width) -> None:
     """Raise unless the verifier takes ``width`` drafts at a node."""
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"{name} must be an int >= 1, got {width!r}")
-    v = verifier
-    if width < v.min_drafts or (v.max_drafts is not None and width > v.max_drafts):
-        limit = f"{v.min_drafts}..{v.max_drafts}" if v.max_drafts is not None else f">= {v.min_drafts}"
-        raise ValueError(f"verifier {v.name!r} takes {limit} drafts per node, got {name} = {width}")
+    if not takes_drafts(verifier, width):
+        raise ValueError(f"verifier {verifier.name!r} takes {draft_limits(verifier)} drafts per node, got {name} = {width}")
 
 
 def check_widths(verifier: Verifier, widths) -> tuple[int, ...]:
@@ -843,16 +853,13 @@ class Engine:
         if widths is not None:
             self.widths = check_widths(v, widths)
             num_drafts, depth = subtree_spans(self.widths)[0] * self.widths[0], len(self.widths)
-            if draft2 is not None:
-                check_staged_tree(v, self.widths)
         else:
             self.widths = None
             check_width(v, "num_drafts", num_drafts)
             if depth > 1:
                 check_deep_tree_support(v, depth)
-            if draft2 is not None and not chain_runs(None, depth):
-                raise ValueError("draft2 (staged drafting) speeds up each drafted sequence's tokens after its first; "
-                                 "depth = 1 has none, so draft2 would never run")
+        if draft2 is not None:
+            check_staged_shape(v, self.widths, depth)
         self.vocab_size = v_target
         self.num_drafts, self.depth = num_drafts, depth  # k: sequences (paths) per tree; D: its depth
         self.device = torch.device(device if device is not None else default_device())
@@ -988,6 +995,7 @@ class Engine:
         stats.block_efficiency = int(emitted_per_request.sum()) / max(int(rounds_per_request.sum()), 1)
         stats.block_efficiency_per_request = (emitted_per_request / rounds_per_request.clamp(min=1)).tolist()
         stats.reached_by_request, stats.accepted_by_request = reached_per_request.tolist(), accepted_per_request.tolist()
+        stats.reached_by_depth, stats.accepted_by_depth = reached_per_request.sum(0).tolist(), accepted_per_request.sum(0).tolist()
         stats.acceptance_by_depth = [a / r if r else float("nan") for a, r in zip(stats.accepted_by_depth, stats.reached_by_depth)]
         stats.tokens_per_second = stats.new_tokens / stats.seconds if stats.seconds > 0 else float("inf")
         return GenerationOutput(tokens, lengths, stats)
@@ -1005,8 +1013,7 @@ class Engine:
             passes, passes2 = staged.passes, staged.passes2
         x, d_valid, d_count = tree.x, tree.valid, tree.count
         p_levels, t_valid, t_count = score_tree(self.target, target_cache, seq, seq_len, x, tree.canon, sampling, nodes)
-        emitted, accepted, path = walk_tree(verifier, p_levels, tree.q_levels, x, tree.canon, tree.paths, active, random,
-                                            stats.reached_by_depth, stats.accepted_by_depth, spans)
+        emitted, accepted, path = walk_tree(verifier, p_levels, tree.q_levels, x, tree.canon, tree.paths, active, random, spans)
         commit_round(target_cache, t_count, t_valid.shape[1], fed_slots(t_valid.shape[1], path, depth, k, nodes), accepted, active)
         if self.draft2 is None:
             commit_round(draft_cache, d_count, d_valid.shape[1], fed_slots(d_valid.shape[1], path, depth - 1, k, nodes),

@@ -32,7 +32,8 @@ import torch
 
 from ..verifiers import Verifier, get_verifier
 from . import engine as _engine
-from .engine import Engine, autoregressive_generate, check_deep_tree_support, model_forward, prepare_prompts
+from .engine import (Engine, autoregressive_generate, check_deep_tree_support, draft_limits, model_forward, prepare_prompts,
+                     takes_drafts)
 
 __all__ = ["AdaptiveEngine", "Overhead", "ShapeChoice", "ShapePolicy", "batch_efficiency_share", "calibrate_acceptance", "choose_shape",
            "expected_block_efficiency", "forward_ms", "measure_costs", "measure_overhead", "rank_shapes", "time_shapes"]
@@ -167,10 +168,6 @@ def _takes_deep_trees(verifier: Verifier) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _draft_limits(verifier: Verifier) -> str:
-    return f"{verifier.min_drafts}..{verifier.max_drafts}" if verifier.max_drafts is not None else f">= {verifier.min_drafts}"
 
 
 def measure_overhead(target, draft, verifier, prompts, costs: dict, k: int | None = None, depths=None, max_new_tokens: int = 48,
@@ -421,9 +418,9 @@ class ShapePolicy:
         ks = list(dict.fromkeys(ks))
         if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
             raise ValueError(f"ks must be draft counts, ints >= 1, got {ks!r}")
-        usable = [k for k in ks if k >= v.min_drafts and (v.max_drafts is None or k <= v.max_drafts)]
+        usable = [k for k in ks if takes_drafts(v, k)]
         if not usable:
-            raise ValueError(f"verifier {v.name!r} takes {_draft_limits(v)} drafts per node; none of ks = {ks} is in that range")
+            raise ValueError(f"verifier {v.name!r} takes {draft_limits(v)} drafts per node; none of ks = {ks} is in that range")
         ks = usable
         deep = _takes_deep_trees(v)
         if max_depth is None:
