@@ -337,10 +337,12 @@ def _ratio_rows():
 def test_fused_ratio_sort_orders_exactly(row):
     ratio = _ratio_rows()[row].contiguous()
     order = torch.empty(ratio.shape, dtype=torch.long)
+    sorted_ratio = torch.empty_like(ratio)
     scratch = torch.empty((2, ratio.numel()), dtype=torch.long).numpy()
-    descending_ratio_order(ratio.numpy(), order.numpy(), scratch[0], scratch[1])
+    descending_ratio_order(ratio.numpy(), order.numpy(), sorted_ratio.numpy(), scratch[0], scratch[1])
     assert torch.equal(order.sort().values, torch.arange(ratio.numel()))  # a permutation
     assert torch.equal(ratio[order], ratio.sort(descending=True).values)  # in exact order
+    assert torch.equal(sorted_ratio, ratio[order])
 
 
 @pytest.mark.parametrize("fused", PLANS)
