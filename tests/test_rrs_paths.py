@@ -9,6 +9,7 @@ import torch
 
 import multidraft as md
 from multidraft.verifiers import cpu_kernels
+from multidraft.verifiers.base import first_match
 from multidraft.verifiers.rrs import _verify_dense, _verify_fused
 from rows_and_threads import on_threads
 
@@ -33,7 +34,8 @@ def test_dense_and_fused_paths_agree(name, without_replacement, k, dtype):
     p, q, drafts, uniforms, u_fallback = _rows(name, k, dtype)
     dense = _verify_dense(p, q, drafts, without_replacement, uniforms, u_fallback)
     fused = _verify_fused(p, q, drafts, without_replacement, uniforms, u_fallback)
-    assert torch.equal(dense, fused)
+    assert torch.equal(dense, fused.token)
+    assert torch.equal(fused.accepted, first_match(drafts, dense))  # found in the kernel
     # many rows reject their first draft: the later steps (at k = 1 the residual draws) are compared too
     assert (dense != drafts[:, 0]).float().mean() > 0.1
 
@@ -47,14 +49,14 @@ def test_dense_and_fused_paths_agree_on_rows_off_from_one(name, without_replacem
     p, q = p * 0.7, q * 1.3
     dense = _verify_dense(p, q, drafts, without_replacement, uniforms, u_fallback)
     fused = _verify_fused(p, q, drafts, without_replacement, uniforms, u_fallback)
-    assert torch.equal(dense, fused)
+    assert torch.equal(dense, fused.token)
 
 
 def test_fused_path_is_the_same_on_any_number_of_threads():
     rows = _rows("rrs", 3, torch.float32, batch=37)
     one = on_threads(1, lambda: _verify_fused(*rows[:3], False, *rows[3:]))
     split = on_threads(3, lambda: _verify_fused(*rows[:3], False, *rows[3:]))  # 37 rows in chunks of 12-13
-    assert torch.equal(one, split)
+    assert torch.equal(one.token, split.token) and torch.equal(one.accepted, split.accepted)
 
 
 def test_without_numba_the_dense_path_serves(monkeypatch):
@@ -92,7 +94,7 @@ def test_a_peaked_draft_without_replacement_stays_exact(temperature):
     uniforms = torch.rand(512, 3, generator=g, dtype=torch.float64)
     fallback = torch.rand(512, 1, generator=g, dtype=torch.float64)
     rows = (p.expand(512, -1), q.expand(512, -1), drafts, True, uniforms, fallback)
-    assert torch.equal(_verify_dense(*rows), _verify_fused(*rows))
+    assert torch.equal(_verify_dense(*rows), _verify_fused(*rows).token)
 
 
 def test_drafts_without_replacement_use_float64_clocks_for_float32_q():

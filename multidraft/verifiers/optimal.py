@@ -427,24 +427,23 @@ def _verdict_uniforms(drafts: Tensor, generator) -> Tensor:
 
 def _fused_verify(p: Tensor, q: Tensor, drafts: Tensor, generator) -> Verdict:
     """``Optimal._verify`` in one pass of the fused kernel per row (``optimal_cpu.verify_rows``):
-    the same plan, race, coin and residual draw, without the ~30 small tensor ops around the
-    plan that cost ~1 ms per call at B = 1.  The uniforms are drawn up front, [B, k + 2]."""
+    the same plan, race, coin and residual draw, and which draft the token is, without the ~30
+    small tensor ops around the plan that cost ~1 ms per call at B = 1.  The uniforms are drawn
+    up front, [B, k + 2]."""
     from .optimal_cpu import verify_rows
 
-    def rows_of(x: Tensor) -> numpy.ndarray:  # float64 only: one compiled copy of the kernel
-        return x.detach().to(torch.float64).contiguous().numpy()
-
     cpu_kernels.check_kernel_inputs(p, q, drafts)
-    p_np, q_np, d_np = rows_of(p), rows_of(q), drafts.detach().to(torch.long).contiguous().numpy()
+    # float64 only: one compiled copy of the kernel
+    p_np, q_np = cpu_kernels.kernel_array(p, numpy.float64), cpu_kernels.kernel_array(q, numpy.float64)
+    d_np = cpu_kernels.kernel_array(drafts, numpy.int64)
     u = _verdict_uniforms(drafts, generator).numpy()
-    token = torch.empty(drafts.shape[0], dtype=torch.long)
-    out = token.numpy()
+    token, accepted = numpy.empty(drafts.shape[0], numpy.int64), numpy.empty(drafts.shape[0], numpy.int64)
 
     def verify(rows: slice, work: numpy.ndarray) -> None:
-        verify_rows(p_np[rows], q_np[rows], d_np[rows], u[rows], out[rows], work)
+        verify_rows(p_np[rows], q_np[rows], d_np[rows], u[rows], token[rows], accepted[rows], work)
 
     _over_row_chunks(verify, drafts.shape[0], p_np.shape[1])
-    return Verdict(token, first_match(drafts, token))
+    return Verdict(torch.from_numpy(token), torch.from_numpy(accepted))
 
 
 @register_verifier("optimal")

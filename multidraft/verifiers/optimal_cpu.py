@@ -568,7 +568,7 @@ def position_of(token, ratio, rs, order):
 
 
 @numba.njit(**_JIT)
-def verify_row(p, q, drafts, u, k, out, work):
+def verify_row(p, q, drafts, u, k, work):
     """One node's verdict token: the plan, the bid race, the keep coin and, on rejection, the
     residual draw, as ``Optimal._verify`` does with tensors.  p, q: float64 rows as given,
     renormalized like ``optimal.as_law``; drafts [k]; u [k + 2]: the k bids' uniforms, the
@@ -594,17 +594,23 @@ def verify_row(p, q, drafts, u, k, out, work):
     if marginal[at] > ps[at]:
         keep = ps[at] / marginal[at]
     if u[k] < keep:
-        out[0] = winner
-        return
+        return winner
     by_token = work[12, :vocab]
     for m in range(vocab):
         by_token[order[m]] = marginal[m]
-    out[0] = residual_draw(p, p_total, by_token, u[k + 1])
+    return residual_draw(p, p_total, by_token, u[k + 1])
 
 
 @numba.njit(**_JIT)
-def verify_rows(p, q, drafts, u, out, work):
-    """The verdict token of every row: p, q [B, V] (float64), drafts [B, k] (int64),
-    u [B, k + 2] uniforms (float64), out [B] (int64), with the scratch ``work``."""
+def verify_rows(p, q, drafts, u, token, accepted, work):
+    """The verdict of every row: p, q [B, V] (float64), drafts [B, k] (int64), u [B, k + 2]
+    uniforms (float64); out: token [B] and accepted [B] (int64: the first draft equal to the
+    token, or -1), with the scratch ``work``."""
+    k = drafts.shape[1]
     for b in range(p.shape[0]):
-        verify_row(p[b], q[b], drafts[b], u[b], drafts.shape[1], out[b : b + 1], work)
+        token[b] = verify_row(p[b], q[b], drafts[b], u[b], k, work)
+        accepted[b] = -1
+        for i in range(k):
+            if drafts[b, i] == token[b]:
+                accepted[b] = i
+                break

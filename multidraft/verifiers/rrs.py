@@ -16,6 +16,7 @@ The written proof is in docs/verifiers/rrs.md.
 
 from __future__ import annotations
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -27,7 +28,7 @@ from .base import (
     sample_categorical,
     sample_from_weights_with,
 )
-from .cpu_kernels import check_kernel_inputs, row_chunks, run_on_chunks, runs_fused
+from .cpu_kernels import check_kernel_inputs, kernel_array, row_chunks, run_on_chunks, runs_fused
 
 
 def unnormalized_residual(p: Tensor, q: Tensor, c: Tensor) -> Tensor:
@@ -132,8 +133,9 @@ def recursive_rejection_verify(
     """
     uniforms = torch.rand(drafts.shape, generator=generator, device=p.device, dtype=p.dtype)  # [B, k]
     u_fallback = torch.rand((p.shape[0], 1), generator=generator, device=p.device, dtype=p.dtype)  # [B, 1]
-    verify_path = _verify_fused if runs_fused(p.device) else _verify_dense
-    token = verify_path(p, q, drafts, without_replacement, uniforms, u_fallback)
+    if runs_fused(p.device):
+        return _verify_fused(p, q, drafts, without_replacement, uniforms, u_fallback)
+    token = _verify_dense(p, q, drafts, without_replacement, uniforms, u_fallback)
     return Verdict(token, first_match(drafts, token))
 
 
@@ -147,21 +149,22 @@ def _verify_dense(p, q, drafts, without_replacement, uniforms, u_fallback) -> Te
     return torch.where(chosen >= 0, accepted_token, fallback)
 
 
-def _verify_fused(p, q, drafts, without_replacement, uniforms, u_fallback) -> Tensor:
+def _verify_fused(p, q, drafts, without_replacement, uniforms, u_fallback) -> Verdict:
     """The same walk one row at a time in a fused CPU kernel (``rrs_cpu``): a row stops at its
-    first accepted draft, and each rejection costs one pass over its p and q."""
+    first accepted draft, and each rejection costs one pass over its p and q.  The kernel also
+    finds which draft the token is (``first_match``), sparing the tensor ops."""
     from .rrs_cpu import verify_rows  # numba compiles the kernel, or loads it from its cache
 
     check_kernel_inputs(p, q, drafts)
-    rows = [x.detach().contiguous().numpy() for x in (p, q, drafts, uniforms, u_fallback.squeeze(1))]
-    token = torch.empty(drafts.shape[0], dtype=torch.long)
-    out = token.numpy()
+    rows = [kernel_array(p), kernel_array(q), kernel_array(drafts, numpy.int64), kernel_array(uniforms),
+            kernel_array(u_fallback.squeeze(1))]
+    token, accepted = numpy.empty(drafts.shape[0], numpy.int64), numpy.empty(drafts.shape[0], numpy.int64)
 
     def verify(chunk: slice) -> None:
-        verify_rows(*(x[chunk] for x in rows), without_replacement, out[chunk])
+        verify_rows(*(x[chunk] for x in rows), without_replacement, token[chunk], accepted[chunk])
 
     run_on_chunks(verify, row_chunks(drafts.shape[0]))
-    return token
+    return Verdict(torch.from_numpy(token), torch.from_numpy(accepted))
 
 
 @register_verifier("rrs")

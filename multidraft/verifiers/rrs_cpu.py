@@ -130,10 +130,16 @@ def verify_row(p, q, drafts, uniforms, u_fallback, without_replacement, z):
 
 
 @numba.njit(**_JIT)
-def verify_rows(p, q, drafts, uniforms, u_fallback, without_replacement, out):
-    """out[b]: the token of row b; p, q [B, V] (float32 or float64), drafts [B, k] int64,
-    uniforms [B, k] and u_fallback [B] in the rows' dtype."""
-    z = numpy.empty(drafts.shape[1])
+def verify_rows(p, q, drafts, uniforms, u_fallback, without_replacement, token, accepted):
+    """token[b]: the token of row b, accepted[b]: the first draft equal to it or -1; p, q [B, V]
+    (float32 or float64), drafts [B, k] int64, uniforms [B, k] and u_fallback [B] in the rows'
+    dtype."""
+    k = drafts.shape[1]
+    z = numpy.empty(k)
     for b in range(p.shape[0]):
-        out[b] = verify_row(p[b], q[b], drafts[b], uniforms[b], u_fallback[b], without_replacement, z)
-
+        token[b] = verify_row(p[b], q[b], drafts[b], uniforms[b], u_fallback[b], without_replacement, z)
+        accepted[b] = -1
+        for i in range(k):
+            if drafts[b, i] == token[b]:
+                accepted[b] = i
+                break
