@@ -300,10 +300,12 @@ def descending_ratio_order(ratio, order, sorted_ratio, packed, spare):
 
 
 @numba.njit(inline="always", **_JIT)
-def plan_positions(p, q, p_total, q_total, k, work):
+def plan_positions(p, q, p_total, q_total, k, work, run_width):
     """One row's plan in position order (the tokens by non-increasing p/q), for the laws
     ``p / p_total`` and ``q / q_total`` (``optimal.as_law``'s renormalization, to an ulp).
-    ``work``: scratch of at least [WORK_ROWS, V + 1] (``workspace``).
+    ``work``: scratch of at least [WORK_ROWS, V + 1] (``workspace``).  ``run_width``: T*'s
+    positions whose ratios lie within this relative width of a run's first merge into it where
+    the slack allows (0: no runs, the tensor plan's targets).
 
     Returns views into ``work``: ``order`` (the token at each position), ``ps`` (p there),
     ``phi`` and ``tiers`` (the scale there is phi * 2^(-TIER_BITS * tier)) and ``marginal``
@@ -328,16 +330,26 @@ def plan_positions(p, q, p_total, q_total, k, work):
     # are compared by ``gain``, the value of {positions >= i} less that of the best set so far,
     # summed from each token's own change (as optimal.optimal_cut): a token far below the
     # rounding of q(T)^k - p(T) would otherwise tie, and join T* even where it loses.
+    # Also kept for the merged runs of step 2: best_below[i], the best value of the sets
+    # {positions >= m} for m > i.  The first positions cut..i of T* then have the slack
+    # value(T*) - value({positions > i}) >= 0 (the win-mass of their levels less their p-mass),
+    # and value(T*) - best_below[i] is its minimum over them and all longer prefixes.
     q_below = work[5, : vocab + 1]  # q-mass of positions >= i
     q_below[vocab] = 0.0
+    best_below = work[11, :vocab]
     gain, cut = 0.0, vocab  # the empty set, value 0, is the first best
+    value = best = value_t = 0.0
     for i in range(vocab - 1, -1, -1):
         q_below[i] = q_below[i + 1] + qs[i]
         upper, lower = min(q_below[i], 1.0), min(q_below[i + 1], 1.0)
         width = qs[i] if q_below[i] <= 1.0 else upper - lower  # upper^k - lower^k = width h_k
-        gain += width * power_sum(upper, lower, k) - ps[i]
+        change = width * power_sum(upper, lower, k) - ps[i]
+        best_below[i] = best
+        value += change
+        best = max(best, value)
+        gain += change
         if qs[i] > 0 and gain >= 0:  # at least as good as the best: on ties the larger T
-            gain, cut = 0.0, i
+            gain, cut, value_t = 0.0, i, value
     top_h, a = q_below[0], q_below[cut]
     mass_t = power(a, k)  # what T* wins
 
@@ -346,21 +358,38 @@ def plan_positions(p, q, p_total, q_total, k, work):
     # of H is capped when sum_H min(p, r_i q) > mass_h, i.e. when p - r_i q summed over H's first
     # i positions is below the excess.  Both sides are small where H's first tokens are (a
     # comparison of sums near p(H) instead would be decided by their rounding).
-    q_group, p_group = work[6, :vocab], work[7, :vocab]  # mass of the block before i
+    # On T* the targets are max(u, c' q) with u = p, or, in merged runs (run_width > 0), u = the
+    # run's first ratio times q >= p: a run extends over the next positions while their ratios
+    # stay within run_width of its first and what u then adds over p stays within half the
+    # slack of every prefix from there on (docs/verifiers/optimal.md, "Merged runs").  A run
+    # shares one sigma, so its positions join without solving.
+    q_group, p_group = work[6, :vocab], work[7, :vocab]  # q- and target mass of the block before i
+    sigma_t = work[12, :vocab]  # sigma and target of T*'s positions before the floor
+    target_t = best_below  # each best_below[i] is read just before its slot is overwritten
     p_t = 0.0
     for i in range(vocab - 1, cut - 1, -1):
         p_t += ps[i]
     excess = max(mass_t - p_t, 0.0)
     q_acc = p_acc = 0.0
+    spent, run_sigma, run_floor = 0.0, -1.0, math.inf  # T*'s first position starts a run
     j, jt = 0, cut
     for i in range(vocab):
         if i == cut:
             q_acc = p_acc = 0.0
         q_group[i], p_group[i] = q_acc, p_acc
-        if i >= cut and p_acc + rs[i] * q_below[i] > mass_t:
-            jt += 1
+        target = ps[i]
+        if i >= cut:
+            more = (run_sigma - rs[i]) * qs[i]  # what merging i into the run adds over p
+            if run_sigma >= rs[i] >= run_floor and spent + more <= 0.5 * (value_t - best_below[i]):
+                spent += more
+                target = run_sigma * qs[i]
+            else:
+                run_sigma, run_floor = rs[i], rs[i] * (1 - run_width)
+            sigma_t[i], target_t[i] = run_sigma, target
+            if p_acc + run_sigma * q_below[i] > mass_t:
+                jt += 1
         q_acc += qs[i]
-        p_acc += ps[i]
+        p_acc += target
         if i < cut and (qs[i] == 0 or p_acc - rs[i] * q_acc < excess):
             j += 1
     cap = 0.0
@@ -393,11 +422,14 @@ def plan_positions(p, q, p_total, q_total, k, work):
             s_acc = left_prev = 0.0
         # sigma is cap (floor) itself on the capped (floored) positions, so that a run of them
         # is seen to share it: such a position joins at the group's current level
-        target, sigma = ps[i], rs[i]
-        if i < j and cap * qs[i] < ps[i]:
-            target, sigma = cap * qs[i], cap
-        if i >= cut and floor * qs[i] > ps[i]:
-            target, sigma = floor * qs[i], floor
+        if i < cut:
+            target, sigma = ps[i], rs[i]
+            if i < j and cap * qs[i] < ps[i]:
+                target, sigma = cap * qs[i], cap
+        else:
+            target, sigma = target_t[i], sigma_t[i]
+            if floor * qs[i] > target:
+                target, sigma = floor * qs[i], floor
         if not qs[i] > 0:
             sigma = 0.0
         if sigma == sigma_prev and left_prev > 0 and i != cut:  # F_i(l_i) = 0: the root is l_i
@@ -458,52 +490,52 @@ def plan_positions(p, q, p_total, q_total, k, work):
 # Against the copy for any k, on LLM-like rows at V = 32,000: 34 % faster at k = 2, 10-15 %
 # at k = 4, 20-25 % at k = 8.  Each copy adds ~13 s to the first compile (then cached on disk).
 @numba.njit(**_JIT)
-def _plan_positions_two(p, q, p_total, q_total, work):
-    return plan_positions(p, q, p_total, q_total, 2, work)
+def _plan_positions_two(p, q, p_total, q_total, work, run_width):
+    return plan_positions(p, q, p_total, q_total, 2, work, run_width)
 
 
 @numba.njit(**_JIT)
-def _plan_positions_four(p, q, p_total, q_total, work):
-    return plan_positions(p, q, p_total, q_total, 4, work)
+def _plan_positions_four(p, q, p_total, q_total, work, run_width):
+    return plan_positions(p, q, p_total, q_total, 4, work, run_width)
 
 
 @numba.njit(**_JIT)
-def _plan_positions_eight(p, q, p_total, q_total, work):
-    return plan_positions(p, q, p_total, q_total, 8, work)
+def _plan_positions_eight(p, q, p_total, q_total, work, run_width):
+    return plan_positions(p, q, p_total, q_total, 8, work, run_width)
 
 
 @numba.njit(**_JIT)
-def _plan_positions_any_k(p, q, p_total, q_total, k, work):
-    return plan_positions(p, q, p_total, q_total, k, work)
+def _plan_positions_any_k(p, q, p_total, q_total, k, work, run_width):
+    return plan_positions(p, q, p_total, q_total, k, work, run_width)
 
 
 @numba.njit(**_JIT)
-def plan_positions_compiled(p, q, p_total, q_total, k, work):
+def plan_positions_compiled(p, q, p_total, q_total, k, work, run_width):
     """plan_positions through its compiled copies (callers link them instead of inlining the
     plan, which keeps the first use's compile time down)."""
     if k == 2:
-        return _plan_positions_two(p, q, p_total, q_total, work)
+        return _plan_positions_two(p, q, p_total, q_total, work, run_width)
     if k == 4:
-        return _plan_positions_four(p, q, p_total, q_total, work)
+        return _plan_positions_four(p, q, p_total, q_total, work, run_width)
     if k == 8:
-        return _plan_positions_eight(p, q, p_total, q_total, work)
-    return _plan_positions_any_k(p, q, p_total, q_total, k, work)
+        return _plan_positions_eight(p, q, p_total, q_total, work, run_width)
+    return _plan_positions_any_k(p, q, p_total, q_total, k, work, run_width)
 
 
 @numba.njit(**_JIT)
-def plan_one_row(p, q, k, log_scale_out, marginal_out, work):
+def plan_one_row(p, q, k, log_scale_out, marginal_out, work, run_width):
     """One row's plan in token order: the log scales log(phi) and the winner law s."""
-    order, _, phi, tiers, marginal = plan_positions_compiled(p, q, 1.0, 1.0, k, work)
+    order, _, phi, tiers, marginal = plan_positions_compiled(p, q, 1.0, 1.0, k, work, run_width)
     for m in range(p.shape[0]):
         t = order[m]
         log_scale_out[t], marginal_out[t] = math.log(phi[m]) - tiers[m] * _TIER_LOG, marginal[m]
 
 
 @numba.njit(**_JIT)
-def plan_rows(p, q, k, log_scale_out, marginal_out, work):
+def plan_rows(p, q, k, log_scale_out, marginal_out, work, run_width):
     """The plan of every row of p, q [B, V] (float64), with the scratch ``work``."""
     for b in range(p.shape[0]):
-        plan_one_row(p[b], q[b], k, log_scale_out[b], marginal_out[b], work)
+        plan_one_row(p[b], q[b], k, log_scale_out[b], marginal_out[b], work, run_width)
 
 
 def workspace(vocab: int) -> numpy.ndarray:
@@ -568,7 +600,7 @@ def position_of(token, ratio, rs, order):
 
 
 @numba.njit(**_JIT)
-def verify_row(p, q, drafts, u, k, work):
+def verify_row(p, q, drafts, u, k, work, run_width):
     """One node's verdict token: the plan, the bid race, the keep coin and, on rejection, the
     residual draw, as ``Optimal._verify`` does with tensors.  p, q: float64 rows as given,
     renormalized like ``optimal.as_law``; drafts [k]; u [k + 2]: the k bids' uniforms, the
@@ -582,7 +614,7 @@ def verify_row(p, q, drafts, u, k, work):
     for t in range(vocab):
         p_total += p[t]
         q_total += q[t]
-    order, ps, phi, tiers, marginal = plan_positions_compiled(p, q, p_total, q_total, k, work)
+    order, ps, phi, tiers, marginal = plan_positions_compiled(p, q, p_total, q_total, k, work, run_width)
     ratio, rs = work[0, :vocab], work[4, :vocab]
     winner, at, best = drafts[0], 0, -math.inf
     for i in range(k):  # the highest bid U_i phi(x_i) wins, compared as logs (tiered scales)
@@ -602,13 +634,13 @@ def verify_row(p, q, drafts, u, k, work):
 
 
 @numba.njit(**_JIT)
-def verify_rows(p, q, drafts, u, token, accepted, work):
+def verify_rows(p, q, drafts, u, token, accepted, work, run_width):
     """The verdict of every row: p, q [B, V] (float64), drafts [B, k] (int64), u [B, k + 2]
     uniforms (float64); out: token [B] and accepted [B] (int64: the first draft equal to the
     token, or -1), with the scratch ``work``."""
     k = drafts.shape[1]
     for b in range(p.shape[0]):
-        token[b] = verify_row(p[b], q[b], drafts[b], u[b], k, work)
+        token[b] = verify_row(p[b], q[b], drafts[b], u[b], k, work, run_width)
         accepted[b] = -1
         for i in range(k):
             if drafts[b, i] == token[b]:
