@@ -47,9 +47,12 @@ _TIER_LOG = TIER_BITS * math.log(2.0)
 # The join equation's root solver (join_length) stops when its error bound is below
 # NEWTON_TOLERANCE * L (in the k-th-root form: when a step is).
 NEWTON_TOLERANCE = 1e-12
+# Merged runs spend at most half the slack of T*'s prefixes less this share of a^k: the slack is
+# a difference of two long float sums, pure rounding at and near tight sets.
+RUN_SLACK_GUARD = 2.0**-40
 POLYNOMIAL_STEPS = 6  # Halley on the polynomial: fast from a warm start
 ROOT_FORM_STEPS = 30  # then in the k-th-root form: fast from far away
-WORK_ROWS = 13  # scratch rows of V + 1 doubles: 12 for one row's plan, one for a verdict's residual
+WORK_ROWS = 13  # scratch rows of V + 1 doubles for one row's plan (a verdict's residual reuses row 12)
 
 
 @numba.njit(**_JIT)
@@ -372,6 +375,7 @@ def plan_positions(p, q, p_total, q_total, k, work, run_width):
     excess = max(mass_t - p_t, 0.0)
     q_acc = p_acc = 0.0
     spent, run_sigma, run_floor = 0.0, -1.0, math.inf  # T*'s first position starts a run
+    guard = RUN_SLACK_GUARD * mass_t  # where the slack is rounding noise, nothing merges
     j, jt = 0, cut
     for i in range(vocab):
         if i == cut:
@@ -380,9 +384,10 @@ def plan_positions(p, q, p_total, q_total, k, work, run_width):
         target = ps[i]
         if i >= cut:
             more = (run_sigma - rs[i]) * qs[i]  # what merging i into the run adds over p
-            if run_sigma >= rs[i] >= run_floor and spent + more <= 0.5 * (value_t - best_below[i]):
+            if run_sigma >= rs[i] >= run_floor and spent + more <= 0.5 * (value_t - best_below[i]) - guard:
                 spent += more
-                target = run_sigma * qs[i]
+                if more > 0:  # an exact tie keeps its p
+                    target = run_sigma * qs[i]
             else:
                 run_sigma, run_floor = rs[i], rs[i] * (1 - run_width)
             sigma_t[i], target_t[i] = run_sigma, target
