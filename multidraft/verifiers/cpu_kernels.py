@@ -25,19 +25,19 @@ def runs_fused(device: torch.device) -> bool:
 
 def check_kernel_inputs(p: Tensor, q: Tensor, drafts: Tensor | None = None) -> None:
     """Checked even with validate_args=False: the kernels index p, q and drafts without bounds
-    checks, so their shapes must agree and every draft id must be a token (on the CPU this costs
-    no device sync).  With mismatched rows a kernel had read and written past its arrays."""
+    checks, so their shapes must agree (with mismatched rows a kernel had read and written past
+    its arrays).  That every draft id is a token the kernels check themselves, before they index
+    anything, and report (``raise_for_draft_ids``): a check here cost two cold numpy calls."""
     if p.dim() != 2 or p.shape != q.shape:
         raise ValueError(f"p and q must have the same shape [B, V], got {tuple(p.shape)} and {tuple(q.shape)}")
-    if drafts is None:
-        return
-    if drafts.dim() != 2 or drafts.shape[0] != p.shape[0]:
+    if drafts is not None and (drafts.dim() != 2 or drafts.shape[0] != p.shape[0]):
         raise ValueError(f"drafts must have shape [B, k] with B = {p.shape[0]} (p's rows), got {tuple(drafts.shape)}")
-    vocab = p.shape[1]
-    ids = drafts.detach().numpy()  # numpy's min and max: see kernel_array
-    if ids.size and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
-        raise ValueError(f"drafts must be token ids in [0, {vocab}), got values in "
-                         f"[{int(ids.min())}, {int(ids.max())}]")
+
+
+def raise_for_draft_ids(drafts: Tensor, vocab: int) -> None:
+    """The error for a kernel that found draft ids outside [0, vocab)."""
+    ids = drafts.detach()
+    raise ValueError(f"drafts must be token ids in [0, {vocab}), got values in [{int(ids.min())}, {int(ids.max())}]")
 
 
 def kernel_array(x: Tensor, dtype=None) -> numpy.ndarray:
@@ -56,13 +56,12 @@ def row_chunks(batch: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def run_on_chunks(fn, chunks: list[slice], *per_chunk) -> None:
-    """fn(chunk, *(x[i] for x in per_chunk)) for each chunk, in parallel threads when there are
+def run_on_chunks(fn, chunks: list[slice], *per_chunk) -> list:
+    """[fn(chunk, *(x[i] for x in per_chunk)) for each chunk], in parallel threads when there are
     several: the kernels release the GIL, so rows run in parallel the way torch's own ops would
     (Python threads, not numba's threading layer, which is not safe under every fork and
     threading setup)."""
     if len(chunks) == 1:
-        fn(chunks[0], *(x[0] for x in per_chunk))
-        return
+        return [fn(chunks[0], *(x[0] for x in per_chunk))]
     with concurrent.futures.ThreadPoolExecutor(len(chunks)) as pool:
-        list(pool.map(fn, chunks, *per_chunk))
+        return list(pool.map(fn, chunks, *per_chunk))

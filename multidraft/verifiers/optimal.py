@@ -242,10 +242,10 @@ class _Workspaces(threading.local):
 _WORKSPACES = _Workspaces()
 
 
-def _over_row_chunks(fn, batch: int, vocab: int) -> None:
-    """fn(rows, work) for slices covering range(batch), each with its own scratch."""
+def _over_row_chunks(fn, batch: int, vocab: int) -> list:
+    """[fn(rows, work)] for slices covering range(batch), each with its own scratch."""
     chunks = cpu_kernels.row_chunks(batch)
-    cpu_kernels.run_on_chunks(fn, chunks, _WORKSPACES.get(vocab, len(chunks)))
+    return cpu_kernels.run_on_chunks(fn, chunks, _WORKSPACES.get(vocab, len(chunks)))
 
 
 def smallest_log_ratio(above: Tensor, rest: Tensor, k: int) -> Tensor:
@@ -451,10 +451,11 @@ def _fused_verify(p: Tensor, q: Tensor, drafts: Tensor, generator, run_width: fl
     u = _verdict_uniforms(drafts, generator).numpy()
     token, accepted = numpy.empty(drafts.shape[0], numpy.int64), numpy.empty(drafts.shape[0], numpy.int64)
 
-    def verify(rows: slice, work: numpy.ndarray) -> None:
-        verify_rows(p_np[rows], q_np[rows], d_np[rows], u[rows], token[rows], accepted[rows], work, run_width)
+    def verify(rows: slice, work: numpy.ndarray) -> bool:
+        return verify_rows(p_np[rows], q_np[rows], d_np[rows], u[rows], token[rows], accepted[rows], work, run_width)
 
-    _over_row_chunks(verify, drafts.shape[0], p_np.shape[1])
+    if not all(_over_row_chunks(verify, drafts.shape[0], p_np.shape[1])):
+        cpu_kernels.raise_for_draft_ids(drafts, p_np.shape[1])
     return Verdict(torch.from_numpy(token), torch.from_numpy(accepted))
 
 

@@ -37,6 +37,7 @@ import numba
 import numpy
 
 from .optimal import SEG_FLOOR
+from .rrs_cpu import draft_ids_in_range
 
 _JIT = {"fastmath": {"contract"}, "cache": True, "nogil": True, "error_model": "numpy", "boundscheck": False}
 _SEG_RATIO = math.exp(-SEG_FLOOR)  # smallest ratio of consecutive scales inside a block
@@ -642,8 +643,11 @@ def verify_row(p, q, drafts, u, k, work, run_width):
 def verify_rows(p, q, drafts, u, token, accepted, work, run_width):
     """The verdict of every row: p, q [B, V] (float64), drafts [B, k] (int64), u [B, k + 2]
     uniforms (float64); out: token [B] and accepted [B] (int64: the first draft equal to the
-    token, or -1), with the scratch ``work``."""
+    token, or -1), with the scratch ``work``.  False, with nothing done, if a draft is not a
+    token id in [0, V)."""
     k = drafts.shape[1]
+    if not draft_ids_in_range(drafts, p.shape[1]):
+        return False
     for b in range(p.shape[0]):
         token[b] = verify_row(p[b], q[b], drafts[b], u[b], k, work, run_width)
         accepted[b] = -1
@@ -651,3 +655,4 @@ def verify_rows(p, q, drafts, u, token, accepted, work, run_width):
             if drafts[b, i] == token[b]:
                 accepted[b] = i
                 break
+    return True

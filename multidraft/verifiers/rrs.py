@@ -28,7 +28,7 @@ from .base import (
     sample_categorical,
     sample_from_weights_with,
 )
-from .cpu_kernels import check_kernel_inputs, kernel_array, row_chunks, run_on_chunks, runs_fused
+from .cpu_kernels import check_kernel_inputs, kernel_array, raise_for_draft_ids, row_chunks, run_on_chunks, runs_fused
 
 
 def unnormalized_residual(p: Tensor, q: Tensor, c: Tensor) -> Tensor:
@@ -160,10 +160,11 @@ def _verify_fused(p, q, drafts, without_replacement, uniforms, u_fallback) -> Ve
             kernel_array(u_fallback.squeeze(1))]
     token, accepted = numpy.empty(drafts.shape[0], numpy.int64), numpy.empty(drafts.shape[0], numpy.int64)
 
-    def verify(chunk: slice) -> None:
-        verify_rows(*(x[chunk] for x in rows), without_replacement, token[chunk], accepted[chunk])
+    def verify(chunk: slice) -> bool:
+        return verify_rows(*(x[chunk] for x in rows), without_replacement, token[chunk], accepted[chunk])
 
-    run_on_chunks(verify, row_chunks(drafts.shape[0]))
+    if not all(run_on_chunks(verify, row_chunks(drafts.shape[0]))):
+        raise_for_draft_ids(drafts, p.shape[1])
     return Verdict(torch.from_numpy(token), torch.from_numpy(accepted))
 
 

@@ -130,11 +130,24 @@ def verify_row(p, q, drafts, uniforms, u_fallback, without_replacement, z):
 
 
 @numba.njit(**_JIT)
+def draft_ids_in_range(drafts, vocab):
+    """Whether every id of drafts [B, k] lies in [0, vocab): the fused kernels check it before
+    they index anything (they run without bounds checks)."""
+    for b in range(drafts.shape[0]):
+        for i in range(drafts.shape[1]):
+            if not 0 <= drafts[b, i] < vocab:
+                return False
+    return True
+
+
+@numba.njit(**_JIT)
 def verify_rows(p, q, drafts, uniforms, u_fallback, without_replacement, token, accepted):
     """token[b]: the token of row b, accepted[b]: the first draft equal to it or -1; p, q [B, V]
     (float32 or float64), drafts [B, k] int64, uniforms [B, k] and u_fallback [B] in the rows'
-    dtype."""
+    dtype.  False, with nothing done, if a draft is not a token id in [0, V)."""
     k = drafts.shape[1]
+    if not draft_ids_in_range(drafts, p.shape[1]):
+        return False
     z = numpy.empty(k)
     for b in range(p.shape[0]):
         token[b] = verify_row(p[b], q[b], drafts[b], uniforms[b], u_fallback[b], without_replacement, z)
@@ -143,3 +156,4 @@ def verify_rows(p, q, drafts, uniforms, u_fallback, without_replacement, token, 
             if drafts[b, i] == token[b]:
                 accepted[b] = i
                 break
+    return True
