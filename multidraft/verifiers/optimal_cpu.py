@@ -37,7 +37,7 @@ import numba
 import numpy
 
 from .optimal import SEG_FLOOR
-from .rrs_cpu import draft_ids_in_range
+from .rrs_cpu import draft_ids_in_range, first_draft
 
 _JIT = {"fastmath": {"contract"}, "cache": True, "nogil": True, "error_model": "numpy", "boundscheck": False}
 _SEG_RATIO = math.exp(-SEG_FLOOR)  # smallest ratio of consecutive scales inside a block
@@ -650,9 +650,5 @@ def verify_rows(p, q, drafts, u, token, accepted, work, run_width):
         return False
     for b in range(p.shape[0]):
         token[b] = verify_row(p[b], q[b], drafts[b], u[b], k, work, run_width)
-        accepted[b] = -1
-        for i in range(k):
-            if drafts[b, i] == token[b]:
-                accepted[b] = i
-                break
+        accepted[b] = first_draft(drafts[b], token[b])
     return True

@@ -141,6 +141,16 @@ def draft_ids_in_range(drafts, vocab):
 
 
 @numba.njit(**_JIT)
+def first_draft(drafts, token):
+    """The index of the first of drafts [k] equal to token, or -1 (``base.first_match``, for
+    one row): the fused kernels report it with the token."""
+    for i in range(drafts.shape[0]):
+        if drafts[i] == token:
+            return i
+    return -1
+
+
+@numba.njit(**_JIT)
 def verify_rows(p, q, drafts, uniforms, u_fallback, without_replacement, token, accepted):
     """token[b]: the token of row b, accepted[b]: the first draft equal to it or -1; p, q [B, V]
     (float32 or float64), drafts [B, k] int64, uniforms [B, k] and u_fallback [B] in the rows'
@@ -151,9 +161,5 @@ def verify_rows(p, q, drafts, uniforms, u_fallback, without_replacement, token, 
     z = numpy.empty(k)
     for b in range(p.shape[0]):
         token[b] = verify_row(p[b], q[b], drafts[b], uniforms[b], u_fallback[b], without_replacement, z)
-        accepted[b] = -1
-        for i in range(k):
-            if drafts[b, i] == token[b]:
-                accepted[b] = i
-                break
+        accepted[b] = first_draft(drafts[b], token[b])
     return True
