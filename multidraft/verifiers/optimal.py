@@ -445,8 +445,10 @@ def _fused_verify(p: Tensor, q: Tensor, drafts: Tensor, generator, run_width: fl
     from .optimal_cpu import verify_rows
 
     cpu_kernels.check_kernel_inputs(p, q, drafts)
-    # float64 only: one compiled copy of the kernel
-    p_np, q_np = cpu_kernels.kernel_array(p, numpy.float64), cpu_kernels.kernel_array(q, numpy.float64)
+    # float32 rows go in as they are (the kernel copies each to float64 as it reaches it);
+    # anything else is converted to float64 first
+    p_np, q_np = (cpu_kernels.kernel_array(x, None if x.dtype in (torch.float32, torch.float64) else numpy.float64)
+                  for x in (p, q))
     d_np = cpu_kernels.kernel_array(drafts, numpy.int64)
     u = _verdict_uniforms(drafts, generator).numpy()
     token, accepted = numpy.empty(drafts.shape[0], numpy.int64), numpy.empty(drafts.shape[0], numpy.int64)

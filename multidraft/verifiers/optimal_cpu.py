@@ -35,6 +35,7 @@ import math
 
 import numba
 import numpy
+from numba.extending import overload
 
 from .optimal import SEG_FLOOR
 from .rrs_cpu import draft_ids_in_range, first_draft
@@ -53,7 +54,8 @@ NEWTON_TOLERANCE = 1e-12
 RUN_SLACK_GUARD = 2.0**-40
 POLYNOMIAL_STEPS = 6  # Halley on the polynomial: fast from a warm start
 ROOT_FORM_STEPS = 30  # then in the k-th-root form: fast from far away
-WORK_ROWS = 13  # scratch rows of V + 1 doubles for one row's plan (a verdict's residual reuses row 12)
+WORK_ROWS = 15  # scratch rows of V + 1 doubles: 13 for one row's plan (a verdict's residual reuses
+# row 12), 2 for a verdict's float32 rows in float64
 
 
 @numba.njit(**_JIT)
@@ -605,16 +607,38 @@ def position_of(token, ratio, rs, order):
     return -1
 
 
+def as_float64_row(row, scratch):
+    """row as float64 in compiled code: itself, or copied into scratch (the plan's compiled
+    copies take float64 rows only; copying a float32 row here spares the caller a conversion
+    of the whole [B, V] batch)."""
+    raise TypeError("as_float64_row runs in compiled code only")
+
+
+@overload(as_float64_row, jit_options={"cache": True})
+def _as_float64_row(row, scratch):
+    if row.dtype == numba.types.float64:
+        return lambda row, scratch: row
+
+    def copy(row, scratch):
+        out = scratch[: row.shape[0]]
+        for t in range(row.shape[0]):
+            out[t] = row[t]
+        return out
+
+    return copy
+
+
 @numba.njit(**_JIT)
-def verify_row(p, q, drafts, u, k, work, run_width):
+def verify_row(p_row, q_row, drafts, u, k, work, run_width):
     """One node's verdict token: the plan, the bid race, the keep coin and, on rejection, the
-    residual draw, as ``Optimal._verify`` does with tensors.  p, q: float64 rows as given,
-    renormalized like ``optimal.as_law``; drafts [k]; u [k + 2]: the k bids' uniforms, the
-    coin, the residual's uniform; ``work``: as for ``plan_positions``.
+    residual draw, as ``Optimal._verify`` does with tensors.  p_row, q_row: float64 or float32
+    rows as given, renormalized like ``optimal.as_law``; drafts [k]; u [k + 2]: the k bids'
+    uniforms, the coin, the residual's uniform; ``work``: as for ``plan_positions``.
 
     Everything stays in position order but the residual draw, which (run on rejection only)
     scatters s to token order and draws there, as the tensor path does: both paths then emit
     the same token for the same uniforms."""
+    p, q = as_float64_row(p_row, work[13]), as_float64_row(q_row, work[14])
     vocab = p.shape[0]
     p_total = q_total = 0.0
     for t in range(vocab):
@@ -641,8 +665,8 @@ def verify_row(p, q, drafts, u, k, work, run_width):
 
 @numba.njit(**_JIT)
 def verify_rows(p, q, drafts, u, token, accepted, work, run_width):
-    """The verdict of every row: p, q [B, V] (float64), drafts [B, k] (int64), u [B, k + 2]
-    uniforms (float64); out: token [B] and accepted [B] (int64: the first draft equal to the
+    """The verdict of every row: p, q [B, V] (float32 or float64), drafts [B, k] (int64),
+    u [B, k + 2] uniforms (float64); out: token [B] and accepted [B] (int64: the first draft equal to the
     token, or -1), with the scratch ``work``.  False, with nothing done, if a draft is not a
     token id in [0, V)."""
     k = drafts.shape[1]
