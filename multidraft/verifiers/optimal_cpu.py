@@ -22,7 +22,11 @@ arithmetic.  What differs besides the loop form:
 - the plan works in position order and ``verify_rows`` stays there (it finds the drafts'
   positions by binary search on their ratios): only the kernel's rows, and a verdict's
   residual draw on rejection, scatter values back to token order;
-- ``verify_rows`` runs a whole verdict per row: plan, bid race, coin and residual draw.
+- ``verify_rows`` runs a whole verdict per row: plan, bid race, coin and residual draw, and
+  finds which draft the token is;
+- merged runs (``run_width``): T*'s positions of nearby ratios share one sigma where the
+  prefixes' slack allows, so that they join without solving (docs/verifiers/optimal.md,
+  "Merged runs"); the tensor plan has none, and ``run_width = 0`` gives its targets.
 
 Exactness does not depend on any of this (the marginal is recomputed from the scales used,
 Theorem 1); optimality and agreement with the tensor plan are tested in
