@@ -303,6 +303,26 @@ def test_merged_runs_are_exact_and_optimal_on_random_small_cases():
     assert merged * 4 >= cases  # the runs changed the winner law in many of the cases
 
 
+@pytest.mark.parametrize("rows", [torch.float64, torch.float32])
+def test_merged_runs_verify_follows_the_kernel(rows):
+    """The fused verify samples the kernel of its own merged plan: a row where the runs move the
+    winner law by 0.08 (V = 8, k = 3), on a likely tuple with a random verdict, float64 and
+    float32 rows (the latter copied to float64 inside the kernel), calibrated chi-square."""
+    ps, qs = llm_like(12, 8, seed=24, noise=1.0, scale=1.0)
+    p, q = ps[7], qs[7]
+    verifier = md.get_verifier("optimal", fused=True, run_width=WIDE_RUNS)
+    moved = (optimal_plan(p[None], q[None], 3, fused=True, run_width=WIDE_RUNS).marginal
+             - optimal_plan(p[None], q[None], 3, fused=True, run_width=0).marginal).abs().max()
+    assert moved > 0.05
+    tuples, prob, kernels = md.proofs.enumeration.tuple_kernels(verifier, p, q, 3)
+    pick = int(torch.argmax(prob * (1 - kernels.max(1).values)))
+    drafts = tuples[pick].unsqueeze(0).expand(SAMPLES, -1).contiguous()
+    tile = lambda x: x.to(rows).unsqueeze(0).expand(SAMPLES, -1).contiguous()  # noqa: E731
+    verdict = verifier.verify(tile(p), tile(q), drafts, generator=torch.Generator().manual_seed(12))
+    counts = np.bincount(verdict.token.numpy(), minlength=p.shape[0])
+    assert_law(counts, kernels[pick].numpy(), f"optimal merged runs, verify on {rows}, drafts {tuples[pick].tolist()}")
+
+
 @pytest.mark.parametrize("run_width", [2.0**-7, 0.25, WIDE_RUNS])
 @pytest.mark.parametrize("k", [2, 4, 8])
 def test_merged_runs_keep_the_bound_on_large_rows(k, run_width):
