@@ -174,10 +174,11 @@ def optimal_plan(p: Tensor, q: Tensor, k: int, fused: bool | None = None, run_wi
     ``run_width``: the fused plan's merged runs (``RUN_WIDTH``; 0: none, and then both plans
     give the same s to rounding).  The tensor plan does not merge.
     """
-    return _plan_of_laws(as_law(p), as_law(q), k, fused, check_run_width(run_width))
+    return _plan_of_laws(as_law(p), as_law(q), k, fused, _check_run_width(run_width))
 
 
-def check_run_width(run_width: float) -> float:
+def _check_run_width(run_width: float) -> float:
+    """run_width as a float, or a ValueError naming it and its range [0, 1)."""
     if not (isinstance(run_width, (int, float)) and 0 <= run_width < 1):
         raise ValueError(f"run_width must be a number in [0, 1), got {run_width!r}")
     return float(run_width)
@@ -481,7 +482,7 @@ class Optimal(Verifier):
         if fused is not None and not isinstance(fused, bool):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
         self.fused = fused
-        self.run_width = check_run_width(run_width)
+        self.run_width = _check_run_width(run_width)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, validate_args={self.validate_args}, fused={self.fused}, "

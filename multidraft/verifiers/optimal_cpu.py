@@ -53,11 +53,11 @@ _TIER_LOG = TIER_BITS * math.log(2.0)
 # The join equation's root solver (join_length) stops when its error bound is below
 # NEWTON_TOLERANCE * L (in the k-th-root form: when a step is).
 NEWTON_TOLERANCE = 1e-12
+POLYNOMIAL_STEPS = 6  # Halley on the polynomial: fast from a warm start
+ROOT_FORM_STEPS = 30  # then in the k-th-root form: fast from far away
 # Merged runs spend at most half the slack of T*'s prefixes less this share of a^k: the slack is
 # a difference of two long float sums, pure rounding at and near tight sets.
 RUN_SLACK_GUARD = 2.0**-40
-POLYNOMIAL_STEPS = 6  # Halley on the polynomial: fast from a warm start
-ROOT_FORM_STEPS = 30  # then in the k-th-root form: fast from far away
 WORK_ROWS = 15  # scratch rows of V + 1 doubles: 13 for one row's plan (a verdict's residual reuses
 # row 12), 2 for a verdict's float32 rows in float64
 
@@ -670,9 +670,9 @@ def verify_row(p_row, q_row, drafts, u, k, work, run_width):
 @numba.njit(**_JIT)
 def verify_rows(p, q, drafts, u, token, accepted, work, run_width):
     """The verdict of every row: p, q [B, V] (float32 or float64), drafts [B, k] (int64),
-    u [B, k + 2] uniforms (float64); out: token [B] and accepted [B] (int64: the first draft equal to the
-    token, or -1), with the scratch ``work``.  False, with nothing done, if a draft is not a
-    token id in [0, V)."""
+    u [B, k + 2] uniforms (float64); out: token [B] and accepted [B] (int64: the first draft
+    equal to the token, or -1), with the scratch ``work``.  False, with nothing done, if a
+    draft is not a token id in [0, V)."""
     k = drafts.shape[1]
     if not draft_ids_in_range(drafts, p.shape[1]):
         return False
