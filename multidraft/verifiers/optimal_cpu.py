@@ -58,8 +58,8 @@ ROOT_FORM_STEPS = 30  # then in the k-th-root form: fast from far away
 # Merged runs spend at most half the slack of T*'s prefixes less this share of a^k: the slack is
 # a difference of two long float sums, pure rounding at and near tight sets.
 RUN_SLACK_GUARD = 2.0**-40
-WORK_ROWS = 15  # scratch rows of V + 1 doubles: 13 for one row's plan (a verdict's residual reuses
-# row 12), 2 for a verdict's float32 rows in float64
+WORK_ROWS = 14  # scratch rows of V + 1 doubles: 12 for one row's plan (a verdict's residual reuses
+# row 11), 2 for a verdict's float32 rows in float64
 
 
 @numba.njit(**_JIT)
@@ -344,12 +344,15 @@ def plan_positions(p, q, p_total, q_total, k, work, run_width):
     # {positions >= m} for m > i.  The first positions cut..i of T* then have the slack
     # value(T*) - value({positions > i}) >= 0 (the win-mass of their levels less their p-mass),
     # and value(T*) - best_below[i] is its minimum over them and all longer prefixes.
+    # The loop also gathers p and q into position order, and p(T*).
     q_below = work[5, : vocab + 1]  # q-mass of positions >= i
     q_below[vocab] = 0.0
-    best_below = work[11, :vocab]
+    best_below = work[10, :vocab]
     gain, cut = 0.0, vocab  # the empty set, value 0, is the first best
     value = best = value_t = 0.0
+    p_below = p_t = 0.0
     for i in range(vocab - 1, -1, -1):
+        p_below += ps[i]
         q_below[i] = q_below[i + 1] + qs[i]
         upper, lower = min(q_below[i], 1.0), min(q_below[i + 1], 1.0)
         width = qs[i] if q_below[i] <= 1.0 else upper - lower  # upper^k - lower^k = width h_k
@@ -359,7 +362,7 @@ def plan_positions(p, q, p_total, q_total, k, work, run_width):
         best = max(best, value)
         gain += change
         if qs[i] > 0 and gain >= 0:  # at least as good as the best: on ties the larger T
-            gain, cut, value_t = 0.0, i, value
+            gain, cut, value_t, p_t = 0.0, i, value, p_below
     top_h, a = q_below[0], q_below[cut]
     mass_t = power(a, k)  # what T* wins
 
@@ -374,11 +377,8 @@ def plan_positions(p, q, p_total, q_total, k, work, run_width):
     # slack of every prefix from there on (docs/verifiers/optimal.md, "Merged runs").  A run
     # shares one sigma, so its positions join without solving.
     q_group, p_group = work[6, :vocab], work[7, :vocab]  # q- and target mass of the block before i
-    sigma_t = work[12, :vocab]  # sigma and target of T*'s positions before the floor
+    sigma_t = work[11, :vocab]  # sigma and target of T*'s positions before the floor
     target_t = best_below  # each best_below[i] is read just before its slot is overwritten
-    p_t = 0.0
-    for i in range(vocab - 1, cut - 1, -1):
-        p_t += ps[i]
     excess = max(mass_t - p_t, 0.0)
     q_acc = p_acc = 0.0
     spent, run_sigma, run_floor = 0.0, -1.0, math.inf  # T*'s first position starts a run
@@ -417,14 +417,20 @@ def plan_positions(p, q, p_total, q_total, k, work, run_width):
 
     # 3. Processor sharing down each block.  Position i joins its block's group of earlier
     # positions with length ``left`` left; the scale falls by left / (the group's length at
-    # the previous join), kept with its complement ``gap`` for the marginal.
+    # the previous join), kept with its complement ``drop`` for the marginal.
     # The scales as mantissa * 2^(-TIER_BITS * tier): the ratios alone can take them below any
     # float's range (rows whose every suffix is a tight set drop e^30 per position), and
     # multiplying by a power of two is exact.
+    # 4. The winner's law from the scales used (optimal.race_marginal, Lemma 1), from the ratios
+    # of consecutive scales alone: s_m = q_m X_m with X_m = d_m + (phi_{m+1} / phi_m) X_{m+1}, and
+    # phi_m beta_m = (phi_m / phi_{m-1}) phi_{m-1} beta_{m-1} + q_m.  Each d_m needs the join's
+    # ratio to position m + 1, so this loop writes it one position late, and a backward pass
+    # sums the X_m.
     phi = work[8, :vocab]  # the mantissa, in [2^-TIER_BITS, 1]
-    gap = work[9, : vocab + 1]  # 1 - phi_i / phi_{i-1}
-    tiers = work[10, :vocab].view(numpy.int64)
+    tiers = work[9, :vocab].view(numpy.int64)
     step = work[7, : vocab + 1]  # phi_i / phi_{i-1} (p_group is not needed past step 2)
+    piece = work[10, :vocab]  # d_m; piece[i - 1] is written after target_t[i - 1] was read
+    slope = 0.0  # phi_m beta_m
     tier = 0
     s_acc = left_prev = 0.0
     sigma_prev = -1.0
@@ -444,7 +450,8 @@ def plan_positions(p, q, p_total, q_total, k, work, run_width):
                 target, sigma = floor * qs[i], floor
         if not qs[i] > 0:
             sigma = 0.0
-        if sigma == sigma_prev and left_prev > 0 and i != cut:  # F_i(l_i) = 0: the root is l_i
+        shared = sigma == sigma_prev and left_prev > 0 and i != cut
+        if shared:  # F_i(l_i) = 0: the root is l_i, and the scale stays (ratio 1, drop 0)
             left = left_prev
         else:
             top = top_h if i < cut else a
@@ -459,7 +466,7 @@ def plan_positions(p, q, p_total, q_total, k, work, run_width):
         ratio, drop = 1.0, 0.0
         if i == cut and cut > 0:  # T* starts SEG_FLOOR below H's lowest scale
             ratio, drop = _SEG_RATIO, 1 - _SEG_RATIO
-        elif left_prev > 0 and not math.isnan(left):
+        elif not shared and left_prev > 0 and not math.isnan(left):
             kept = min(left, left_prev)
             ratio = kept / left_prev
             drop = (left_prev - kept) / left_prev
@@ -474,20 +481,15 @@ def plan_positions(p, q, p_total, q_total, k, work, run_width):
         if running < _TIER:
             running *= _TIER_UP
             tier += 1
-        phi[i], tiers[i], step[i], gap[i] = running, tier, ratio, drop
+        phi[i], tiers[i], step[i] = running, tier, ratio
         left_prev = left + qs[i]
-
-    # 4. The winner's law from the scales used (optimal.race_marginal, Lemma 1), from the ratios
-    # of consecutive scales alone: s_m = q_m X_m with X_m = d_m + (phi_{m+1} / phi_m) X_{m+1}, and
-    # phi_m beta_m = (phi_m / phi_{m-1}) phi_{m-1} beta_{m-1} + q_m.
-    piece = work[11, :vocab]
-    slope = 0.0  # phi_m beta_m
-    step[vocab] = 0.0  # after the last position: G(0) = 0, and all of it is dropped
-    gap[vocab] = 1.0
-    for m in range(vocab):
-        slope = slope * step[m] + qs[m]
-        lower = q_below[m + 1]  # the join's ratio to the next position and its own complement:
-        piece[m] = gap[m + 1] * power_sum(lower + slope, lower + slope * step[m + 1], k)
+        if i > 0:  # d_{i-1}, from the join's ratio to i and its own complement
+            lower = q_below[i]
+            piece[i - 1] = drop * power_sum(lower + slope, lower + slope * ratio, k) if drop > 0 else 0.0
+        slope = slope * ratio + qs[i]
+    # after the last position: G(0) = 0, and all of it is dropped
+    step[vocab] = 0.0
+    piece[vocab - 1] = power_sum(slope, 0.0, k)
     marginal = piece  # each piece is read once, just before its slot is overwritten
     acc = piece[vocab - 1]
     marginal[vocab - 1] = qs[vocab - 1] * acc
@@ -642,7 +644,7 @@ def verify_row(p_row, q_row, drafts, u, k, work, run_width):
     Everything stays in position order but the residual draw, which (run on rejection only)
     scatters s to token order and draws there, as the tensor path does: both paths then emit
     the same token for the same uniforms."""
-    p, q = as_float64_row(p_row, work[13]), as_float64_row(q_row, work[14])
+    p, q = as_float64_row(p_row, work[12]), as_float64_row(q_row, work[13])
     vocab = p.shape[0]
     p_total = q_total = 0.0
     for t in range(vocab):
@@ -661,7 +663,7 @@ def verify_row(p_row, q_row, drafts, u, k, work, run_width):
         keep = ps[at] / marginal[at]
     if u[k] < keep:
         return winner
-    by_token = work[12, :vocab]
+    by_token = work[11, :vocab]
     for m in range(vocab):
         by_token[order[m]] = marginal[m]
     return residual_draw(p, p_total, by_token, u[k + 1])
