@@ -269,9 +269,9 @@ def test_fused_and_tensor_plans_agree(k):
                                    rtol=0, atol=OPTIMAL_TOL)
 
 
-# Merged runs (fused plan): T*'s targets raised to their run's first ratio, within half the
-# slack of the prefixes.  A wide run_width spends the whole budget, so it would break the bound
-# if the slack were not checked; the narrow default merges what costs least.
+# Merged runs (fused plan, token by token: cells=False): T*'s targets raised to their run's first
+# ratio, within half the slack of the prefixes.  A wide run_width spends the whole budget, so it
+# would break the bound if the slack were not checked; the narrow default merges what costs least.
 WIDE_RUNS = 0.9
 
 
@@ -281,14 +281,14 @@ def test_merged_runs_are_exact_and_optimal_on_corner_cases(case, k):
     p, q = CASES[case]
     if p.shape[0] ** k > MAX_TUPLES:
         pytest.skip("too many tuples to enumerate")
-    verifier = md.get_verifier("optimal", fused=True, run_width=WIDE_RUNS)
+    verifier = md.get_verifier("optimal", fused=True, run_width=WIDE_RUNS, cells=False)
     assert md.proofs.acceptance_rate(verifier, p, q, k) == pytest.approx(md.proofs.optimal_acceptance(p, q, k), abs=OPTIMAL_TOL)
     torch.testing.assert_close(md.proofs.output_distribution(verifier, p, q, k), p, rtol=0, atol=EXACT_TOL)
 
 
 def test_merged_runs_are_exact_and_optimal_on_random_small_cases():
     """Small LLM-like rows, where T* holds several tokens of nearby ratios: by enumeration."""
-    verifier = md.get_verifier("optimal", fused=True, run_width=WIDE_RUNS)
+    verifier = md.get_verifier("optimal", fused=True, run_width=WIDE_RUNS, cells=False)
     merged = cases = 0
     for vocab, k in [(6, 2), (6, 3), (5, 4), (8, 3), (10, 3)]:
         ps, qs = llm_like(12, vocab, seed=vocab * k, noise=1.0, scale=1.0)
@@ -296,7 +296,7 @@ def test_merged_runs_are_exact_and_optimal_on_random_small_cases():
             rate = md.proofs.acceptance_rate(verifier, p, q, k)
             assert rate == pytest.approx(md.proofs.optimal_acceptance(p, q, k), abs=OPTIMAL_TOL), (vocab, k)
             torch.testing.assert_close(md.proofs.output_distribution(verifier, p, q, k), p, rtol=0, atol=EXACT_TOL)
-            s_merged, s_exact = (optimal_plan(p.unsqueeze(0), q.unsqueeze(0), k, fused=True, run_width=w).marginal
+            s_merged, s_exact = (optimal_plan(p.unsqueeze(0), q.unsqueeze(0), k, fused=True, run_width=w, cells=False).marginal
                                  for w in (WIDE_RUNS, 0))
             merged += not torch.allclose(s_merged, s_exact, rtol=0, atol=1e-12)
             cases += 1
@@ -310,8 +310,8 @@ def test_merged_runs_verify_follows_the_kernel(rows):
     float32 rows (the latter copied to float64 inside the kernel), calibrated chi-square."""
     ps, qs = llm_like(12, 8, seed=24, noise=1.0, scale=1.0)
     p, q = ps[7], qs[7]
-    verifier = md.get_verifier("optimal", fused=True, run_width=WIDE_RUNS)
-    moved = (optimal_plan(p[None], q[None], 3, fused=True, run_width=WIDE_RUNS).marginal
+    verifier = md.get_verifier("optimal", fused=True, run_width=WIDE_RUNS, cells=False)
+    moved = (optimal_plan(p[None], q[None], 3, fused=True, run_width=WIDE_RUNS, cells=False).marginal
              - optimal_plan(p[None], q[None], 3, fused=True, run_width=0).marginal).abs().max()
     assert moved > 0.05
     tuples, prob, kernels = md.proofs.enumeration.tuple_kernels(verifier, p, q, 3)
@@ -334,7 +334,7 @@ def test_merged_runs_keep_the_bound_on_large_rows(k, run_width):
             llm_like(2, 32000, seed=k + 2, noise=2.0, scale=6.0)]
     p, q = (torch.cat(x) for x in zip(*rows))
     p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
-    merged = optimal_plan(p, q, k, fused=True, run_width=run_width)
+    merged = optimal_plan(p, q, k, fused=True, run_width=run_width, cells=False)
     bound = md.proofs.optimal_acceptance(p, q, k)
     torch.testing.assert_close(torch.minimum(merged.marginal, p).sum(-1), bound, rtol=0, atol=OPTIMAL_TOL)
     torch.testing.assert_close(merged.marginal.sum(-1), torch.ones(6, dtype=torch.float64), rtol=0, atol=1e-10)
@@ -346,10 +346,90 @@ def test_merged_runs_keep_the_bound_on_large_rows(k, run_width):
         assert distinct(merged) * 4 < distinct(exact), (distinct(merged), distinct(exact))
 
 
+# Cells (fused plan): whole buckets of tokens that share sigma -- capped in H, merged on T* --
+# are one position each, and only the rest is sorted (docs/verifiers/optimal.md, "Cells").
+def cells_of(p: torch.Tensor, q: torch.Tensor, k: int, run_width: float = 2.0**-7) -> tuple[int, int]:
+    """(positions, buckets) of the cells layout of one row; buckets 0 where it is declined."""
+    from multidraft.verifiers.optimal_cpu import cells_layout, workspace
+
+    p, q = p.double().numpy(), q.double().numpy()
+    p, q = p / p.sum(), q / q.sum()
+    ratio = np.divide(p, q, out=np.full_like(p, np.inf), where=q > 0)
+    n, _, _, _, buckets, _, _ = cells_layout(p, q, 1.0, 1.0, ratio, k, workspace(p.shape[0]), run_width)
+    return n, buckets
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_cells_plan_rows_with_slack_on_few_positions(k):
+    """LLM-like rows that leave slack are planned on a few thousand positions instead of 32,000,
+    at the bound, with Σ s = 1 and the tokens of each cell on one scale."""
+    p, q = llm_like(3, 32000, seed=40 + k, noise=1.0, scale=3.0)
+    p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
+    layouts = [cells_of(p[b], q[b], k) for b in range(3)]
+    assert all(buckets > 0 and n < 32000 // 8 for n, buckets in layouts), layouts
+    plan = optimal_plan(p, q, k, fused=True)
+    bound = md.proofs.optimal_acceptance(p, q, k)
+    torch.testing.assert_close(torch.minimum(plan.marginal, p).sum(-1), bound, rtol=0, atol=OPTIMAL_TOL)
+    torch.testing.assert_close(plan.marginal.sum(-1), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-10)
+    for b, (n, _) in enumerate(layouts):
+        assert plan.log_scale[b].unique().numel() <= n
+
+
+def test_cells_are_declined_where_they_would_not_pay():
+    """Near-perfect drafts leave no slack to merge T* with, so most tokens would stay single:
+    declined (and planned token by token).  So are rows of V < 3 and rows without a finite
+    positive ratio."""
+    p, q = llm_like(2, 32000, seed=5, noise=0.3, scale=3.0)
+    for k in (4, 8):
+        assert [cells_of(p[b], q[b], k)[1] for b in range(2)] == [0, 0]
+    two = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    assert cells_of(two, two.flip(0), 2)[1] == 0
+    assert cells_of(torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 0.5, 0.5]), 2)[1] == 0
+
+
+def test_cells_are_exact_and_optimal_on_small_rows():
+    """Small LLM-like rows, where cells hold whole buckets in a quarter of them or more: exact and
+    optimal by enumeration, at the default width and at a wide one."""
+    used = cases = 0
+    for run_width in (2.0**-7, WIDE_RUNS):
+        verifier = md.get_verifier("optimal", fused=True, run_width=run_width)
+        for vocab, k in [(6, 2), (8, 3), (10, 2), (12, 2)]:
+            ps, qs = llm_like(10, vocab, seed=vocab * k, noise=1.0, scale=2.0)
+            for p, q in zip(ps, qs):
+                n, buckets = cells_of(p, q, k, run_width)
+                used += buckets > 0 and n < vocab
+                cases += 1
+                rate = md.proofs.acceptance_rate(verifier, p, q, k)
+                assert rate == pytest.approx(md.proofs.optimal_acceptance(p, q, k), abs=OPTIMAL_TOL), (vocab, k, run_width)
+                torch.testing.assert_close(md.proofs.output_distribution(verifier, p, q, k), p, rtol=0, atol=EXACT_TOL)
+    assert used * 4 >= cases, (used, cases)
+
+
+@pytest.mark.parametrize("rows", [torch.float64, torch.float32])
+def test_cells_verify_follows_the_kernel(rows):
+    """The fused verify with cells samples its own kernel: on a small row planned with cells, a
+    likely tuple with a random verdict (so that the residual draw, which maps every token to its
+    cell, runs too), calibrated chi-square."""
+    ps, qs = llm_like(10, 12, seed=24, noise=1.0, scale=2.0)
+    pick_row = next(i for i in range(10) if (lambda nb: nb[1] > 0 and nb[0] < 12)(cells_of(ps[i], qs[i], 2)))
+    p, q = ps[pick_row], qs[pick_row]
+    verifier = md.get_verifier("optimal", fused=True)
+    tuples, prob, kernels = md.proofs.enumeration.tuple_kernels(verifier, p, q, 2)
+    pick = int(torch.argmax(prob * (1 - kernels.max(1).values)))
+    drafts = tuples[pick].unsqueeze(0).expand(SAMPLES, -1).contiguous()
+    tile = lambda x: x.to(rows).unsqueeze(0).expand(SAMPLES, -1).contiguous()  # noqa: E731
+    verdict = verifier.verify(tile(p), tile(q), drafts, generator=torch.Generator().manual_seed(13))
+    counts = np.bincount(verdict.token.numpy(), minlength=p.shape[0])
+    assert_law(counts, kernels[pick].numpy(), f"optimal with cells, verify on {rows}, drafts {tuples[pick].tolist()}")
+
+
 def test_run_width_is_checked():
     for bad in (-0.1, 1.0, "wide", float("nan")):
         with pytest.raises(ValueError, match=r"run_width must be a number in \[0, 1\)"):
             md.get_verifier("optimal", run_width=bad)
+    for bad in (1, None, "yes"):
+        with pytest.raises(ValueError, match="cells must be True or False"):
+            md.get_verifier("optimal", cells=bad)
 
 
 def test_fused_plan_refuses_other_devices_and_bad_options():

@@ -164,7 +164,8 @@ def _join_lengths(base: Tensor, sigma: Tensor, deficit: Tensor, group: Tensor, k
     return torch.where(short, group, length)
 
 
-def optimal_plan(p: Tensor, q: Tensor, k: int, fused: bool | None = None, run_width: float = RUN_WIDTH) -> Plan:
+def optimal_plan(p: Tensor, q: Tensor, k: int, fused: bool | None = None, run_width: float = RUN_WIDTH,
+                 cells: bool = True) -> Plan:
     """Scales of a bid race whose winner law s has ``s <= p`` outside the optimal cut T* and
     ``s >= p`` on it, and that law s (docs/verifiers/optimal.md, "Algorithm"), for the rows
     of p and q renormalized in float64 (``as_law``).
@@ -172,9 +173,18 @@ def optimal_plan(p: Tensor, q: Tensor, k: int, fused: bool | None = None, run_wi
     ``fused``: run the plan as a few sequential passes per row (``optimal_cpu``, numba; CPU
     only) instead of [B, V] tensor ops.  Default: fused on the CPU, tensor ops elsewhere.
     ``run_width``: the fused plan's merged runs (``RUN_WIDTH``; 0: none, and then both plans
-    give the same s to rounding).  The tensor plan does not merge.
+    give the same s to rounding).  The tensor plan does not merge.  ``cells``: with
+    run_width > 0, the fused plan takes whole ratio buckets of tokens that share a scale as one
+    position where it can (docs/verifiers/optimal.md, "Cells"); False plans token by token.
     """
-    return _plan_of_laws(as_law(p), as_law(q), k, fused, _check_run_width(run_width))
+    return _plan_of_laws(as_law(p), as_law(q), k, fused, _check_run_width(run_width), _check_cells(cells))
+
+
+def _check_cells(cells: bool) -> bool:
+    """cells itself, or a ValueError naming it: a bool, not a truthy stand-in."""
+    if not isinstance(cells, bool):
+        raise ValueError(f"cells must be True or False, got {cells!r}")
+    return cells
 
 
 def _check_run_width(run_width: float) -> float:
@@ -184,12 +194,12 @@ def _check_run_width(run_width: float) -> float:
     return float(run_width)
 
 
-def _plan_of_laws(p: Tensor, q: Tensor, k: int, fused: bool | None, run_width: float) -> Plan:
+def _plan_of_laws(p: Tensor, q: Tensor, k: int, fused: bool | None, run_width: float, cells: bool = True) -> Plan:
     """``optimal_plan`` for rows already renormalized in float64 (``as_law``)."""
     if k == 1:  # the only draft always wins: s = q
         return Plan(torch.zeros_like(q), q.clone())
     if _runs_fused(fused, p.device):
-        return _fused_plan(p, q, k, run_width)
+        return _fused_plan(p, q, k, run_width, cells)
     ratio = (p / q).nan_to_num(nan=float("inf"))  # [B, V]; q = 0 gives inf
     return _tensor_plan(p, q, ratio, _descending_order(ratio), k)
 
@@ -206,7 +216,7 @@ def _runs_fused(fused: bool | None, device: torch.device) -> bool:
     return fused
 
 
-def _fused_plan(p: Tensor, q: Tensor, k: int, run_width: float) -> Plan:
+def _fused_plan(p: Tensor, q: Tensor, k: int, run_width: float, cells: bool) -> Plan:
     """The plan in the fused kernel (its own ratio sort included), rows split over up to
     torch.get_num_threads() threads (``cpu_kernels.run_on_chunks``)."""
     # numba compiles the kernel, or loads it from its cache, on first use
@@ -217,7 +227,7 @@ def _fused_plan(p: Tensor, q: Tensor, k: int, run_width: float) -> Plan:
     log_scale, marginal = numpy.empty_like(p_np), numpy.empty_like(p_np)
 
     def plan(rows: slice, work: numpy.ndarray) -> None:
-        plan_rows(p_np[rows], q_np[rows], k, log_scale[rows], marginal[rows], work, run_width)
+        plan_rows(p_np[rows], q_np[rows], k, log_scale[rows], marginal[rows], work, run_width, cells)
 
     _over_row_chunks(plan, p_np.shape[0], p_np.shape[1])
     return Plan(torch.from_numpy(log_scale), torch.from_numpy(marginal))
@@ -438,7 +448,7 @@ def _verdict_uniforms(drafts: Tensor, generator) -> Tensor:
     return torch.rand((drafts.shape[0], drafts.shape[1] + 2), generator=generator, device=drafts.device, dtype=torch.float64)
 
 
-def _fused_verify(p: Tensor, q: Tensor, drafts: Tensor, generator, run_width: float) -> Verdict:
+def _fused_verify(p: Tensor, q: Tensor, drafts: Tensor, generator, run_width: float, cells: bool) -> Verdict:
     """``Optimal._verify`` in one pass of the fused kernel per row (``optimal_cpu.verify_rows``):
     the same plan, race, coin and residual draw, and which draft the token is, without the ~30
     small tensor ops around the plan that cost ~1 ms per call at B = 1.  The uniforms are drawn
@@ -455,7 +465,7 @@ def _fused_verify(p: Tensor, q: Tensor, drafts: Tensor, generator, run_width: fl
     token, accepted = numpy.empty(drafts.shape[0], numpy.int64), numpy.empty(drafts.shape[0], numpy.int64)
 
     def verify(rows: slice, work: numpy.ndarray) -> bool:
-        return verify_rows(p_np[rows], q_np[rows], d_np[rows], u[rows], token[rows], accepted[rows], work, run_width)
+        return verify_rows(p_np[rows], q_np[rows], d_np[rows], u[rows], token[rows], accepted[rows], work, run_width, cells)
 
     if not all(_over_row_chunks(verify, drafts.shape[0], p_np.shape[1])):
         cpu_kernels.raise_for_draft_ids(drafts, p_np.shape[1])
@@ -470,29 +480,32 @@ class Optimal(Verifier):
     and tensor ops elsewhere; True or False forces one (True needs CPU tensors).
     ``run_width``: the fused plan's merged runs (``RUN_WIDTH``, the same acceptance with ~60x
     fewer root solves); 0 gives the tensor plan's winner law, so that both paths emit the same
-    tokens for a seed.
+    tokens for a seed.  ``cells``: the fused plan's cells (``optimal_plan``), which leave most
+    tokens of a row unsorted; False plans token by token (the merged runs alone).
     """
 
     iid_drafts = True
     exact_acceptance = True
     needs_exact_sums = False  # renormalizes p and q itself, in float64 (as_law)
 
-    def __init__(self, validate_args: bool | None = None, fused: bool | None = None, run_width: float = RUN_WIDTH):
+    def __init__(self, validate_args: bool | None = None, fused: bool | None = None, run_width: float = RUN_WIDTH,
+                 cells: bool = True):
         super().__init__(validate_args)
         if fused is not None and not isinstance(fused, bool):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
         self.fused = fused
         self.run_width = _check_run_width(run_width)
+        self.cells = _check_cells(cells)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, validate_args={self.validate_args}, fused={self.fused}, "
-                f"run_width={self.run_width})")
+                f"run_width={self.run_width}, cells={self.cells})")
 
     def _expected_acceptance(self, p, q, k):
         # The speculative step keeps the winner y with probability min(1, p(y)/s(y)), so the
         # acceptance is sum_y min(s(y), p(y)) for the plan's winner law s.
         p64 = as_law(p)
-        s = _plan_of_laws(p64, as_law(q), k, self.fused, self.run_width).marginal
+        s = _plan_of_laws(p64, as_law(q), k, self.fused, self.run_width, self.cells).marginal
         return torch.minimum(s, p64).sum(dim=-1).to(p.dtype)
 
     def _draft(self, q, k, generator):
@@ -503,7 +516,7 @@ class Optimal(Verifier):
 
     def _kernel(self, p, q, drafts):
         p64 = as_law(p)
-        plan = _plan_of_laws(p64, as_law(q), drafts.shape[1], self.fused, self.run_width)
+        plan = _plan_of_laws(p64, as_law(q), drafts.shape[1], self.fused, self.run_width, self.cells)
         win = race_win_probabilities(plan.log_scale.gather(1, drafts))  # [B, k]
         keep = _keep_probability(p64, plan.marginal, drafts)  # [B, k]
         kern = torch.zeros_like(p64).scatter_add_(1, drafts, win * keep)
@@ -512,10 +525,10 @@ class Optimal(Verifier):
 
     def _verify(self, p, q, drafts, generator):
         if drafts.shape[1] > 1 and _runs_fused(self.fused, p.device):
-            return _fused_verify(p, q, drafts, generator, self.run_width)
+            return _fused_verify(p, q, drafts, generator, self.run_width, self.cells)
         p64 = as_law(p)
         k = drafts.shape[1]
-        plan = _plan_of_laws(p64, as_law(q), k, self.fused, self.run_width)
+        plan = _plan_of_laws(p64, as_law(q), k, self.fused, self.run_width, self.cells)
         u = _verdict_uniforms(drafts, generator)  # [B, k + 2], as the fused path draws them
         bids = u[:, :k].log() + plan.log_scale.gather(1, drafts)  # [B, k]: log(U_i phi(x_i))
         winner = drafts.gather(1, bids.argmax(dim=1, keepdim=True))  # [B, 1]

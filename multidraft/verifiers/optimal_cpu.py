@@ -58,8 +58,9 @@ ROOT_FORM_STEPS = 30  # then in the k-th-root form: fast from far away
 # Merged runs spend at most half the slack of T*'s prefixes less this share of a^k: the slack is
 # a difference of two long float sums, pure rounding at and near tight sets.
 RUN_SLACK_GUARD = 2.0**-40
-WORK_ROWS = 14  # scratch rows of V + 1 doubles: 12 for one row's plan (a verdict's residual reuses
-# row 11), 2 for a verdict's float32 rows in float64
+WORK_ROWS = 17  # scratch rows of V + 1 doubles: 12 for one row's plan (a verdict's residual reuses
+# row 11), 2 for a verdict's float32 rows in float64, 3 for the cells (their map from tokens to
+# positions, and the buckets' lowest ratios)
 
 
 @numba.njit(**_JIT)
@@ -309,18 +310,257 @@ def descending_ratio_order(ratio, order, sorted_ratio, packed, spare):
             return
 
 
+# Cells (docs/verifiers/optimal.md, "Cells"): buckets of tokens whose ratios share a
+# double's exponent and top mantissa bits (a relative width of at most run_width), fitted to the
+# row's range of ratios in at most V buckets.  Bucket 0 holds the tokens with q = 0 (ratio
+# inf), the last one those with p = 0, and the others the finite positive ratios, highest first.
+# Cells are declined when more of the tokens than this share would stay single (and more than
+# SHORT_SPAN: a short row takes cells wherever it can, which is cheap either way).
+CELL_EXPANSION_SHARE = 0.25
+SHORT_SPAN = 64  # a bucket of single tokens up to this size is sorted by insertion
+_INF_BITS = 0x7FF0000000000000
+
+
+@numba.njit(**_JIT)
+def bucket_of(bits, shift, key_hi, buckets):
+    """The bucket of a ratio p/q >= 0 (inf for q = 0), given as its bit pattern."""
+    if bits >= _INF_BITS:
+        return 0
+    if bits <= 0:
+        return buckets - 1
+    return 1 + key_hi - (bits >> shift)
+
+
+@numba.njit(**_JIT)
+def _reach(below, above, b, q_mass, lowest, highest, q_from, k):
+    """The most a set {positions >= m} with m inside bucket b, or right after it, can exceed
+    the best value by, given the values ``below`` and ``above`` (less the best) of the sets
+    starting after and at b.  Each token x of b changes the value by q_x (h_k - r_x), with
+    k Q'^(k-1) <= h_k <= k Q^(k-1) (Q, Q' the q-mass from b and after it, at most 1): counted
+    up from below, the set gains at most q(b) (k Q^(k-1) - lowest); counted down from above, it
+    loses no more than it would gain back, q(b) (highest - k Q'^(k-1))."""
+    if b == 0 or q_mass[b] == 0:  # the tokens with q = 0 change nothing but p
+        return max(below, above)
+    up = q_mass[b] * (k * power(min(q_from[b], 1.0), k - 1) - lowest[b])
+    down = q_mass[b] * (highest[b] - k * power(min(q_from[b + 1], 1.0), k - 1))
+    return min(below + max(up, 0.0), above + max(down, 0.0))
+
+
+@numba.njit(**_JIT)
+def cells_layout(p, q, p_scale, q_scale, ratio, k, work, run_width):
+    """The positions of the plan with cells, written to work rows 1-4 (order, qs, ps, rs):
+    a bucket that is surely capped in H or merged on T* is one position (order -1, its q- and
+    p-mass, and its lowest ratio in H, its highest on T*); every other bucket's tokens are
+    positions of their own, sorted.  Work rows 14 and 15 keep each bucket's position (-1 for
+    one sorted token by token) and each such token's position, for ``token_position``.
+
+    Decided from the buckets' sums alone, with bounds that hold for any order inside a bucket
+    (docs/verifiers/optimal.md, "Cells"): the cut lies in, or next to, the buckets where a set
+    {positions >= m} could reach the best value of the buckets' boundaries; a bucket of H above
+    them is capped if the cap test, run with its lowest ratio, passes against that value (a lower
+    bound of the cut's); a bucket of T* below them merges if raising it to its highest ratio
+    keeps what the merges add within half of what every later prefix can spare.
+
+    Returns (n, pos_lo, pos_hi, h_last, buckets, shift, key_hi): the positions, the range the
+    cut must fall in, the last merged cell of H (-1: none), and the buckets' layout; buckets 0
+    if the row is declined (V < 3, no finite positive ratio, or more than CELL_EXPANSION_SHARE of
+    the tokens, and more than SHORT_SPAN, would stay single)."""
+    vocab = ratio.shape[0]
+    declined = (vocab, 0, vocab, -1, 0, 0, 0)
+    bits = ratio.view(numpy.int64)
+    lo, hi = numpy.int64(_INF_BITS), numpy.int64(0)
+    for t in range(vocab):
+        b = bits[t]
+        if b > 0 and b < _INF_BITS:
+            lo, hi = min(lo, b), max(hi, b)
+    if hi == 0:
+        return declined
+    mantissa_bits = 0
+    while 2.0**-mantissa_bits > run_width and mantissa_bits < 52:
+        mantissa_bits += 1
+    shift = 52 - mantissa_bits
+    while (hi >> shift) - (lo >> shift) + 3 > vocab and shift < 62:  # rows of V + 1 hold buckets + 1
+        shift += 1
+    key_hi = hi >> shift
+    buckets = key_hi - (lo >> shift) + 3
+    if buckets > vocab:  # V < 3
+        return declined
+
+    q_mass, p_mass = work[5, :buckets], work[6, :buckets]
+    count = work[7, :buckets].view(numpy.int64)
+    lowest, highest = work[16, :buckets], work[9, :buckets]  # each bucket's extreme ratios
+    bucket = work[15, :vocab].view(numpy.int64)  # each token's; a single token's position later
+    q_mass[:] = 0.0
+    p_mass[:] = 0.0
+    count[:] = 0
+    lowest[:] = math.inf
+    highest[:] = 0.0
+    for t in range(vocab):
+        b = bucket_of(bits[t], shift, key_hi, buckets)
+        bucket[t] = b
+        q_mass[b] += q[t] * q_scale
+        p_mass[b] += p[t] * p_scale
+        count[b] += 1
+        lowest[b] = min(lowest[b], ratio[t])
+        highest[b] = max(highest[b], ratio[t])
+
+    # The value q(T)^k - p(T) of the sets {buckets >= b}, summed from each bucket's change as
+    # the plan's cut loop sums tokens' (a best set is one that no later gain beats); row 2 is
+    # free until the positions are written.
+    q_from = work[8, : buckets + 1]
+    change = work[2, :buckets]
+    q_from[buckets] = 0.0
+    value = best = gain = 0.0
+    best_b = buckets  # the empty set first; ties go to the larger set
+    for b in range(buckets - 1, -1, -1):
+        q_from[b] = q_from[b + 1] + q_mass[b]
+        upper, lower = min(q_from[b], 1.0), min(q_from[b + 1], 1.0)
+        width = q_mass[b] if q_from[b] <= 1.0 else upper - lower
+        change[b] = width * power_sum(upper, lower, k) - p_mass[b]
+        value += change[b]
+        gain += change[b]
+        if q_mass[b] > 0 and gain >= 0:
+            best, best_b, gain = value, b, 0.0
+    # reach[b]: the most by which a set {positions >= m}, m after b's first position (b's
+    # tokens in any order), can exceed the best value; from the changes between the two (so
+    # that small ones keep their precision).  slack[b]: the least by which every set
+    # {positions > l}, l from b's first position on, falls short of it.
+    guard = RUN_SLACK_GUARD * power(min(q_from[max(best_b - 1, 0)], 1.0), k)
+    reach = work[4, :buckets]  # row 4 is free until the positions are written too
+    slack = work[10, : buckets + 1]
+    above = 0.0  # the value of {buckets >= b} less the best
+    for b in range(best_b - 1, -1, -1):
+        above += change[b]
+        reach[b] = _reach(above - change[b], above, b, q_mass, lowest, highest, q_from, k)
+    above = 0.0
+    for b in range(best_b, buckets):
+        reach[b] = _reach(above - change[b], above, b, q_mass, lowest, highest, q_from, k)
+        above -= change[b]
+    slack[buckets] = best  # the empty set
+    for b in range(buckets - 1, -1, -1):
+        slack[b] = min(slack[b + 1], -reach[b])
+    b_lo, b_hi = max(best_b - 1, 0), min(best_b, buckets - 1)
+    for b in range(buckets):  # where a set inside a bucket could beat the best by more than the guard
+        if count[b] > 0 and reach[b] > guard:
+            b_lo, b_hi = min(b_lo, b), max(b_hi, b)
+
+    # Roles: 1 a capped cell of H, 2 a merged cell of T*, 0 tokens one by one, 3 empty.
+    role = work[11, :buckets].view(numpy.int64)
+    p_acc = q_acc = 0.0
+    capping = True
+    for b in range(b_lo):
+        p_acc += p_mass[b]
+        q_acc += q_mass[b]
+        if count[b] == 0:
+            role[b] = 3
+        elif b == 0:  # q = 0: single, and capped as the plan counts them
+            role[b] = 0
+        elif capping and p_acc - lowest[b] * q_acc < best - guard:  # the plan's test at b's last token
+            role[b] = 1
+        else:
+            capping = False
+            role[b] = 0
+    for b in range(b_lo, b_hi + 1):
+        role[b] = 0 if count[b] > 0 else 3
+    spent = 0.0
+    for b in range(b_hi + 1, buckets):
+        more = max(highest[b] * q_mass[b] - p_mass[b], 0.0)
+        if count[b] == 0:
+            role[b] = 3
+        elif spent + more <= 0.5 * slack[b] - guard:
+            role[b] = 2
+            spent += more
+        else:
+            role[b] = 0
+    single = 0
+    for b in range(buckets):
+        if role[b] == 0:
+            single += count[b]
+    if single > CELL_EXPANSION_SHARE * vocab and single > SHORT_SPAN:
+        return declined
+
+    # Positions: one per cell, count[b] per bucket of single tokens (filled, then sorted).
+    order = work[1, :vocab].view(numpy.int64)
+    qs, ps, rs = work[2, :vocab], work[3, :vocab], work[4, :vocab]
+    cell_at = work[14, :buckets].view(numpy.int64)  # a cell's position, or -1
+    fill = work[10, :buckets].view(numpy.int64)  # slack is not needed past the roles
+    n, h_last, pos_lo, pos_hi = 0, -1, 0, 0
+    for b in range(buckets):
+        if b == b_lo:
+            pos_lo = n
+        cell_at[b] = -1
+        fill[b] = n
+        if role[b] == 1 or role[b] == 2:
+            cell_at[b] = n
+            order[n], qs[n], ps[n], rs[n] = -1, q_mass[b], p_mass[b], lowest[b] if role[b] == 1 else highest[b]
+            if role[b] == 1:
+                h_last = n
+            n += 1
+        elif role[b] == 0:
+            n += count[b]
+        if b == b_hi:
+            pos_hi = n
+    position = bucket  # each single token's, once sorted
+    for t in range(vocab):
+        b = bucket[t]
+        if role[b] == 0:
+            i = fill[b]
+            fill[b] = i + 1
+            order[i], rs[i] = t, ratio[t]
+    for b in range(buckets):  # each bucket of single tokens in order, then their p and q
+        if role[b] == 0:
+            _sort_span(order, rs, fill[b] - count[b], fill[b], work)
+            for i in range(fill[b] - count[b], fill[b]):
+                t = order[i]
+                qs[i], ps[i], position[t] = q[t] * q_scale, p[t] * p_scale, i
+    return n, pos_lo, pos_hi, h_last, buckets, shift, key_hi
+
+
+@numba.njit(**_JIT)
+def _sort_span(order, rs, start, end, work):
+    """Positions start..end-1 by non-increasing rs, moving order along: by insertion when
+    short, else through an argsort (work rows 5 and 8 as scratch)."""
+    if end - start <= SHORT_SPAN:
+        for a in range(start + 1, end):
+            r = rs[a]
+            if not rs[a - 1] < r:
+                continue
+            t = order[a]
+            c = a - 1
+            while c >= start and rs[c] < r:
+                order[c + 1], rs[c + 1] = order[c], rs[c]
+                c -= 1
+            order[c + 1], rs[c + 1] = t, r
+        return
+    size = end - start
+    by = numpy.argsort(-rs[start:end])
+    t_order, t_r = work[8, :size].view(numpy.int64), work[5, :size]
+    for i in range(size):
+        t_order[i], t_r[i] = order[start + by[i]], rs[start + by[i]]
+    for i in range(size):
+        order[start + i], rs[start + i] = t_order[i], t_r[i]
+
+
 @numba.njit(inline="always", **_JIT)
-def plan_positions(p, q, p_total, q_total, k, work, run_width):
+def plan_positions(p, q, p_total, q_total, k, work, run_width, cells):
     """One row's plan in position order (the tokens by non-increasing p/q), for the laws
     ``p / p_total`` and ``q / q_total`` (``optimal.as_law``'s renormalization, to an ulp).
     ``work``: scratch of at least [WORK_ROWS, V + 1] (``workspace``).  ``run_width``: T*'s
     positions whose ratios lie within this relative width of a run's first merge into it where
     the slack allows (0: no runs, the tensor plan's targets).
 
-    Returns views into ``work``: ``order`` (the token at each position), ``ps`` (p there),
-    ``phi`` and ``tiers`` (the scale there is phi * 2^(-TIER_BITS * tier)) and ``marginal``
-    (s there).  Staying in position order spares
-    ``verify_row`` two scatters of V values to token order, which only the kernel needs.
+    With run_width > 0 and ``cells`` the plan first tries cells (``cells_layout``): tokens of one ratio
+    bucket that would share sigma anyway (capped in H, merged on T*) become one position, and
+    only the buckets near the cut and those the slack cannot cover are sorted token by token;
+    a row where too many are, or whose checks fail, is planned token by token.
+
+    Returns ``(order, ps, phi, tiers, marginal, n, layout)``: views into ``work`` of the n
+    positions -- ``order`` (the token at each position, -1 for a cell), ``ps`` (p there; a
+    merged cell of T* holds its raised target), ``phi`` and ``tiers`` (the scale there is
+    phi * 2^(-TIER_BITS * tier)) and ``marginal`` (s there) -- and ``layout`` (the cells'
+    (buckets, shift, top key), buckets 0 without cells), for ``token_position``.  Staying in
+    position order spares ``verify_row`` two scatters of V values to token order, which only
+    the kernel needs.
     """
     vocab = p.shape[0]
     ratio = work[0, :vocab]
@@ -330,11 +570,30 @@ def plan_positions(p, q, p_total, q_total, k, work, run_width):
         ratio[t] = (p[t] * p_scale) / (q[t] * q_scale) if q[t] > 0 else math.inf
     order = work[1, :vocab].view(numpy.int64)  # the token ids by non-increasing p/q ("positions")
     qs, ps, rs = work[2, :vocab], work[3, :vocab], work[4, :vocab]
-    descending_ratio_order(ratio, order, rs, work[2, :vocab].view(numpy.int64), work[3, :vocab].view(numpy.int64))
-    for i in range(vocab):
-        t = order[i]
-        qs[i], ps[i] = q[t] * q_scale, p[t] * p_scale
+    buckets = shift = key_hi = 0
+    n, pos_lo, pos_hi, h_last = vocab, 0, vocab, -1
+    if run_width > 0 and cells:
+        n, pos_lo, pos_hi, h_last, buckets, shift, key_hi = cells_layout(p, q, p_scale, q_scale, ratio, k, work, run_width)
+    while True:  # twice at most: cells, then token by token if they were declined
+        if buckets == 0:
+            n, pos_lo, pos_hi, h_last = vocab, 0, vocab, -1
+            descending_ratio_order(ratio, order, rs, work[2, :vocab].view(numpy.int64), work[3, :vocab].view(numpy.int64))
+            for i in range(vocab):
+                t = order[i]
+                qs[i], ps[i] = q[t] * q_scale, p[t] * p_scale
+        ok, phi, tiers, marginal = plan_stages(qs, ps, rs, order, n, k, work, 0.0 if buckets else run_width,
+                                               buckets > 0, pos_lo, pos_hi, h_last)
+        if ok or buckets == 0:
+            return order[:n], ps[:n], phi, tiers, marginal, n, (buckets, shift, key_hi)
+        buckets = 0
 
+
+@numba.njit(inline="always", **_JIT)
+def plan_stages(qs, ps, rs, order, vocab, k, work, run_width, cells, pos_lo, pos_hi, h_last):
+    """Steps 1-4 of the plan on ``vocab`` positions (qs, ps, rs: q, p and p/q there, in
+    non-increasing order of rs).  With ``cells``, the cut must fall in [pos_lo, pos_hi] and
+    every merged cell of H (the last at h_last) must be capped, as ``cells_layout`` planned;
+    else ``ok`` is False and nothing else is meaningful.  Returns (ok, phi, tiers, marginal)."""
     # 1. The optimal cut T* = {positions >= cut}: the largest T maximizing q(T)^k - p(T).
     # Suffix sums run from the bottom, so that small sums keep their relative precision.  Sets
     # are compared by ``gain``, the value of {positions >= i} less that of the best set so far,
@@ -365,6 +624,12 @@ def plan_positions(p, q, p_total, q_total, k, work, run_width):
             gain, cut, value_t, p_t = 0.0, i, value, p_below
     top_h, a = q_below[0], q_below[cut]
     mass_t = power(a, k)  # what T* wins
+    if cells:
+        if not pos_lo <= cut <= pos_hi:
+            return False, work[8, :vocab], work[9, :vocab].view(numpy.int64), work[10, :vocab]
+        for i in range(cut, vocab):  # a merged cell of T* aims at its bucket's top ratio
+            if order[i] < 0:
+                ps[i] = rs[i] * qs[i]
 
     # 2. Targets: min(p, c q) on H's first j positions, max(p, c' q) on T*.
     # H wins mass_h = p(H) - excess, excess = q(T*)^k - p(T*) >= 0 the cut's value: position i
@@ -404,6 +669,8 @@ def plan_positions(p, q, p_total, q_total, k, work, run_width):
         p_acc += target
         if i < cut and (qs[i] == 0 or p_acc - rs[i] * q_acc < excess):
             j += 1
+    if cells and h_last >= j:
+        return False, work[8, :vocab], work[9, :vocab].view(numpy.int64), work[10, :vocab]
     cap = 0.0
     if j > 0:
         last = j - 1
@@ -496,7 +763,7 @@ def plan_positions(p, q, p_total, q_total, k, work, run_width):
     for m in range(vocab - 2, -1, -1):
         acc = piece[m] + step[m + 1] * acc
         marginal[m] = qs[m] * acc
-    return order, ps, phi, tiers, marginal
+    return True, phi, tiers, marginal
 
 
 # Compiled copies of the plan with k a constant, for the draft counts used most: plan_positions
@@ -504,52 +771,80 @@ def plan_positions(p, q, p_total, q_total, k, work, run_width):
 # Against the copy for any k, on LLM-like rows at V = 32,000: 34 % faster at k = 2, 10-15 %
 # at k = 4, 20-25 % at k = 8.  Each copy adds ~13 s to the first compile (then cached on disk).
 @numba.njit(**_JIT)
-def _plan_positions_two(p, q, p_total, q_total, work, run_width):
-    return plan_positions(p, q, p_total, q_total, 2, work, run_width)
+def _plan_positions_two(p, q, p_total, q_total, work, run_width, cells):
+    return plan_positions(p, q, p_total, q_total, 2, work, run_width, cells)
 
 
 @numba.njit(**_JIT)
-def _plan_positions_four(p, q, p_total, q_total, work, run_width):
-    return plan_positions(p, q, p_total, q_total, 4, work, run_width)
+def _plan_positions_four(p, q, p_total, q_total, work, run_width, cells):
+    return plan_positions(p, q, p_total, q_total, 4, work, run_width, cells)
 
 
 @numba.njit(**_JIT)
-def _plan_positions_eight(p, q, p_total, q_total, work, run_width):
-    return plan_positions(p, q, p_total, q_total, 8, work, run_width)
+def _plan_positions_eight(p, q, p_total, q_total, work, run_width, cells):
+    return plan_positions(p, q, p_total, q_total, 8, work, run_width, cells)
 
 
 @numba.njit(**_JIT)
-def _plan_positions_any_k(p, q, p_total, q_total, k, work, run_width):
-    return plan_positions(p, q, p_total, q_total, k, work, run_width)
+def _plan_positions_any_k(p, q, p_total, q_total, k, work, run_width, cells):
+    return plan_positions(p, q, p_total, q_total, k, work, run_width, cells)
 
 
 @numba.njit(**_JIT)
-def plan_positions_compiled(p, q, p_total, q_total, k, work, run_width):
+def plan_positions_compiled(p, q, p_total, q_total, k, work, run_width, cells):
     """plan_positions through its compiled copies (callers link them instead of inlining the
     plan, which keeps the first use's compile time down)."""
     if k == 2:
-        return _plan_positions_two(p, q, p_total, q_total, work, run_width)
+        return _plan_positions_two(p, q, p_total, q_total, work, run_width, cells)
     if k == 4:
-        return _plan_positions_four(p, q, p_total, q_total, work, run_width)
+        return _plan_positions_four(p, q, p_total, q_total, work, run_width, cells)
     if k == 8:
-        return _plan_positions_eight(p, q, p_total, q_total, work, run_width)
-    return _plan_positions_any_k(p, q, p_total, q_total, k, work, run_width)
+        return _plan_positions_eight(p, q, p_total, q_total, work, run_width, cells)
+    return _plan_positions_any_k(p, q, p_total, q_total, k, work, run_width, cells)
 
 
 @numba.njit(**_JIT)
-def plan_one_row(p, q, k, log_scale_out, marginal_out, work, run_width):
+def plan_one_row(p, q, k, log_scale_out, marginal_out, work, run_width, cells):
     """One row's plan in token order: the log scales log(phi) and the winner law s."""
-    order, _, phi, tiers, marginal = plan_positions_compiled(p, q, 1.0, 1.0, k, work, run_width)
-    for m in range(p.shape[0]):
-        t = order[m]
-        log_scale_out[t], marginal_out[t] = math.log(phi[m]) - tiers[m] * _TIER_LOG, marginal[m]
+    order, _, phi, tiers, marginal, n, layout = plan_positions_compiled(p, q, 1.0, 1.0, k, work, run_width, cells)
+    if layout[0] == 0:
+        for m in range(n):
+            t = order[m]
+            log_scale_out[t], marginal_out[t] = math.log(phi[m]) - tiers[m] * _TIER_LOG, marginal[m]
+        return
+    qs = work[2, :n]
+    for t in range(p.shape[0]):
+        m = token_position(t, work, order, n, layout)
+        log_scale_out[t] = math.log(phi[m]) - tiers[m] * _TIER_LOG
+        marginal_out[t] = token_marginal(t, m, order, qs, marginal, q[t])
 
 
 @numba.njit(**_JIT)
-def plan_rows(p, q, k, log_scale_out, marginal_out, work, run_width):
+def token_position(token, work, order, n, layout):
+    """The position of ``token`` in a plan of n positions with ``layout`` (plan_positions):
+    its cell's, or its own (found by ratio among the sorted ones when there are no cells)."""
+    buckets, shift, key_hi = layout
+    ratio = work[0]
+    if buckets == 0:
+        return position_of(token, ratio, work[4, :n], order)
+    cell = work[14].view(numpy.int64)[bucket_of(ratio.view(numpy.int64)[token], shift, key_hi, buckets)]
+    return cell if cell >= 0 else work[15].view(numpy.int64)[token]
+
+
+@numba.njit(**_JIT)
+def token_marginal(token, m, order, qs, marginal, q_token):
+    """s of ``token`` at its position m: the position's own, or, in a cell (a group of tokens
+    with one scale, whose law is q times a common factor), its share q_token / q(cell)."""
+    if order[m] == token:
+        return marginal[m]
+    return q_token * (marginal[m] / qs[m])
+
+
+@numba.njit(**_JIT)
+def plan_rows(p, q, k, log_scale_out, marginal_out, work, run_width, cells):
     """The plan of every row of p, q [B, V] (float64), with the scratch ``work``."""
     for b in range(p.shape[0]):
-        plan_one_row(p[b], q[b], k, log_scale_out[b], marginal_out[b], work, run_width)
+        plan_one_row(p[b], q[b], k, log_scale_out[b], marginal_out[b], work, run_width, cells)
 
 
 def workspace(vocab: int) -> numpy.ndarray:
@@ -635,7 +930,7 @@ def _as_float64_row(row, scratch):
 
 
 @numba.njit(**_JIT)
-def verify_row(p_row, q_row, drafts, u, k, work, run_width):
+def verify_row(p_row, q_row, drafts, u, k, work, run_width, cells):
     """One node's verdict token: the plan, the bid race, the keep coin and, on rejection, the
     residual draw, as ``Optimal._verify`` does with tensors.  p_row, q_row: float64 or float32
     rows as given, renormalized like ``optimal.as_law``; drafts [k]; u [k + 2]: the k bids'
@@ -650,27 +945,35 @@ def verify_row(p_row, q_row, drafts, u, k, work, run_width):
     for t in range(vocab):
         p_total += p[t]
         q_total += q[t]
-    order, ps, phi, tiers, marginal = plan_positions_compiled(p, q, p_total, q_total, k, work, run_width)
-    ratio, rs = work[0, :vocab], work[4, :vocab]
+    order, _, phi, tiers, marginal, n, layout = plan_positions_compiled(p, q, p_total, q_total, k, work, run_width, cells)
+    qs = work[2, :n]
+    q_scale = 1 / q_total
     winner, at, best = drafts[0], 0, -math.inf
     for i in range(k):  # the highest bid U_i phi(x_i) wins, compared as logs (tiered scales)
-        pos = position_of(drafts[i], ratio, rs, order)
+        pos = token_position(drafts[i], work, order, n, layout)
         bid = (math.log(u[i]) if u[i] > 0 else -math.inf) + math.log(phi[pos]) - tiers[pos] * _TIER_LOG
         if bid > best or i == 0:
             winner, at, best = drafts[i], pos, bid
+    s_winner = token_marginal(winner, at, order, qs, marginal, q[winner] * q_scale)
+    p_winner = p[winner] * (1 / p_total)  # as the plan scaled it
     keep = 1.0
-    if marginal[at] > ps[at]:
-        keep = ps[at] / marginal[at]
+    if s_winner > p_winner:
+        keep = p_winner / s_winner
     if u[k] < keep:
         return winner
     by_token = work[11, :vocab]
-    for m in range(vocab):
-        by_token[order[m]] = marginal[m]
+    if layout[0] == 0:
+        for m in range(n):
+            by_token[order[m]] = marginal[m]
+    else:
+        for t in range(vocab):
+            m = token_position(t, work, order, n, layout)
+            by_token[t] = token_marginal(t, m, order, qs, marginal, q[t] * q_scale)
     return residual_draw(p, p_total, by_token, u[k + 1])
 
 
 @numba.njit(**_JIT)
-def verify_rows(p, q, drafts, u, token, accepted, work, run_width):
+def verify_rows(p, q, drafts, u, token, accepted, work, run_width, cells):
     """The verdict of every row: p, q [B, V] (float32 or float64), drafts [B, k] (int64),
     u [B, k + 2] uniforms (float64); out: token [B] and accepted [B] (int64: the first draft
     equal to the token, or -1), with the scratch ``work``.  False, with nothing done, if a
@@ -679,6 +982,6 @@ def verify_rows(p, q, drafts, u, token, accepted, work, run_width):
     if not draft_ids_in_range(drafts, p.shape[1]):
         return False
     for b in range(p.shape[0]):
-        token[b] = verify_row(p[b], q[b], drafts[b], u[b], k, work, run_width)
+        token[b] = verify_row(p[b], q[b], drafts[b], u[b], k, work, run_width, cells)
         accepted[b] = first_draft(drafts[b], token[b])
     return True
