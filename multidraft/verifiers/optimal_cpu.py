@@ -26,7 +26,11 @@ arithmetic.  What differs besides the loop form:
   finds which draft the token is;
 - merged runs (``run_width``): T*'s positions of nearby ratios share one sigma where the
   prefixes' slack allows, so that they join without solving (docs/verifiers/optimal.md,
-  "Merged runs"); the tensor plan has none, and ``run_width = 0`` gives its targets.
+  "Merged runs"); the tensor plan has none, and ``run_width = 0`` gives its targets;
+- cells (``cells_layout``, with run_width > 0): whole ratio buckets of tokens that share sigma
+  (capped in H, merged on T*) are one position each, decided from the buckets' sums, and only
+  the other tokens are sorted; a row where that does not pay is planned token by token
+  (docs/verifiers/optimal.md, "Cells").
 
 Exactness does not depend on any of this (the marginal is recomputed from the scales used,
 Theorem 1); optimality and agreement with the tensor plan are tested in
