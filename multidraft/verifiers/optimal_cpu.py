@@ -816,11 +816,39 @@ def plan_one_row(p, q, k, log_scale_out, marginal_out, work, run_width, cells):
             t = order[m]
             log_scale_out[t], marginal_out[t] = math.log(phi[m]) - tiers[m] * _TIER_LOG, marginal[m]
         return
-    qs = work[2, :n]
+    position = token_positions(work, p.shape[0], layout)
+    factor = cell_factors(order, work[2, :n], marginal, work[5, :n])
+    log_scale = work[6, :n]
+    for m in range(n):
+        log_scale[m] = math.log(phi[m]) - tiers[m] * _TIER_LOG
     for t in range(p.shape[0]):
-        m = token_position(t, work, order, n, layout)
-        log_scale_out[t] = math.log(phi[m]) - tiers[m] * _TIER_LOG
-        marginal_out[t] = token_marginal(t, m, order, qs, marginal, q[t])
+        m = position[t]
+        log_scale_out[t] = log_scale[m]
+        marginal_out[t] = marginal[m] if order[m] >= 0 else q[t] * factor[m]
+
+
+@numba.njit(**_JIT)
+def token_positions(work, vocab, layout):
+    """Every token's position in a plan with cells (work row 15, as int64): a single token's
+    own, which the layout wrote, and a cell's for the others."""
+    buckets, shift, key_hi = layout
+    bits = work[0, :vocab].view(numpy.int64)
+    cell_at = work[14, :buckets].view(numpy.int64)
+    position = work[15, :vocab].view(numpy.int64)
+    for t in range(vocab):
+        cell = cell_at[bucket_of(bits[t], shift, key_hi, buckets)]
+        if cell >= 0:
+            position[t] = cell
+    return position
+
+
+@numba.njit(**_JIT)
+def cell_factors(order, qs, marginal, out):
+    """s(cell) / q(cell) at each cell's position (0 elsewhere): a token x of the cell has
+    s_x = q_x times that (its tokens bid with one scale, Lemma 1)."""
+    for m in range(order.shape[0]):
+        out[m] = marginal[m] / qs[m] if order[m] < 0 else 0.0
+    return out
 
 
 @numba.njit(**_JIT)
@@ -970,9 +998,11 @@ def verify_row(p_row, q_row, drafts, u, k, work, run_width, cells):
         for m in range(n):
             by_token[order[m]] = marginal[m]
     else:
+        position = token_positions(work, vocab, layout)
+        factor = cell_factors(order, qs, marginal, work[5, :n])
         for t in range(vocab):
-            m = token_position(t, work, order, n, layout)
-            by_token[t] = token_marginal(t, m, order, qs, marginal, q[t] * q_scale)
+            m = position[t]
+            by_token[t] = marginal[m] if order[m] >= 0 else (q[t] * q_scale) * factor[m]
     return residual_draw(p, p_total, by_token, u[k + 1])
 
 
