@@ -429,7 +429,7 @@ def cells_layout(p, q, p_scale, q_scale, ratio, k, work, run_width):
     # tokens in any order), can exceed the best value; from the changes between the two (so
     # that small ones keep their precision).  slack[b]: the least by which every set
     # {positions > l}, l from b's first position on, falls short of it.
-    guard = RUN_SLACK_GUARD * power(min(q_from[max(best_b - 1, 0)], 1.0), k)
+    guard = RUN_SLACK_GUARD  # the merged runs' guard with a^k <= 1: the cut is not known yet
     reach = work[4, :buckets]  # row 4 is free until the positions are written too
     slack = work[10, : buckets + 1]
     above = 0.0  # the value of {buckets >= b} less the best
