@@ -314,13 +314,20 @@ def test_merged_runs_verify_follows_the_kernel(rows):
     moved = (optimal_plan(p[None], q[None], 3, fused=True, run_width=WIDE_RUNS, cells=False).marginal
              - optimal_plan(p[None], q[None], 3, fused=True, run_width=0).marginal).abs().max()
     assert moved > 0.05
-    tuples, prob, kernels = md.proofs.enumeration.tuple_kernels(verifier, p, q, 3)
+    assert_verify_follows_kernel(verifier, p, q, 3, rows, seed=12, label="optimal merged runs")
+
+
+def assert_verify_follows_kernel(verifier, p, q, k: int, rows: torch.dtype, seed: int, label: str) -> None:
+    """verify on the likeliest tuple whose verdict is random (a rejection is likely, so the
+    residual draw runs too), SAMPLES times on rows of dtype ``rows``, against the enumerated
+    kernel of that tuple: calibrated chi-square."""
+    tuples, prob, kernels = md.proofs.enumeration.tuple_kernels(verifier, p, q, k)
     pick = int(torch.argmax(prob * (1 - kernels.max(1).values)))
     drafts = tuples[pick].unsqueeze(0).expand(SAMPLES, -1).contiguous()
     tile = lambda x: x.to(rows).unsqueeze(0).expand(SAMPLES, -1).contiguous()  # noqa: E731
-    verdict = verifier.verify(tile(p), tile(q), drafts, generator=torch.Generator().manual_seed(12))
+    verdict = verifier.verify(tile(p), tile(q), drafts, generator=torch.Generator().manual_seed(seed))
     counts = np.bincount(verdict.token.numpy(), minlength=p.shape[0])
-    assert_law(counts, kernels[pick].numpy(), f"optimal merged runs, verify on {rows}, drafts {tuples[pick].tolist()}")
+    assert_law(counts, kernels[pick].numpy(), f"{label}, verify on {rows}, drafts {tuples[pick].tolist()}")
 
 
 @pytest.mark.parametrize("run_width", [2.0**-7, 0.25, WIDE_RUNS])
@@ -413,14 +420,7 @@ def test_cells_verify_follows_the_kernel(rows):
     ps, qs = llm_like(10, 12, seed=24, noise=1.0, scale=2.0)
     pick_row = next(i for i in range(10) if (lambda nb: nb[1] > 0 and nb[0] < 12)(cells_of(ps[i], qs[i], 2)))
     p, q = ps[pick_row], qs[pick_row]
-    verifier = md.get_verifier("optimal", fused=True)
-    tuples, prob, kernels = md.proofs.enumeration.tuple_kernels(verifier, p, q, 2)
-    pick = int(torch.argmax(prob * (1 - kernels.max(1).values)))
-    drafts = tuples[pick].unsqueeze(0).expand(SAMPLES, -1).contiguous()
-    tile = lambda x: x.to(rows).unsqueeze(0).expand(SAMPLES, -1).contiguous()  # noqa: E731
-    verdict = verifier.verify(tile(p), tile(q), drafts, generator=torch.Generator().manual_seed(13))
-    counts = np.bincount(verdict.token.numpy(), minlength=p.shape[0])
-    assert_law(counts, kernels[pick].numpy(), f"optimal with cells, verify on {rows}, drafts {tuples[pick].tolist()}")
+    assert_verify_follows_kernel(md.get_verifier("optimal", fused=True), p, q, 2, rows, seed=13, label="optimal with cells")
 
 
 def test_run_width_is_checked():
