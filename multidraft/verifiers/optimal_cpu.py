@@ -227,6 +227,21 @@ INSERTION_BUDGET = 8  # insertion moves per token before the full sort takes ove
 _DIGIT_MASK = (1 << DIGIT_BITS) - 1
 
 
+_INF_BITS = 0x7FF0000000000000  # the bit pattern of inf; a non-negative double's is monotone in it
+
+
+@numba.njit(**_JIT)
+def finite_positive_range(bits):
+    """(lowest, highest) bit pattern among the finite positive doubles whose patterns are
+    ``bits`` ((pattern of inf, 0) if there is none)."""
+    lo, hi = numpy.int64(_INF_BITS), numpy.int64(0)
+    for t in range(bits.shape[0]):
+        b = bits[t]
+        if b > 0 and b < _INF_BITS:
+            lo, hi = min(lo, b), max(hi, b)
+    return lo, hi
+
+
 @numba.njit(**_JIT)
 def _packed_keys(ratio, packed):
     """packed[t] = key << 32 | t, the key in [0, 2^KEY_BITS) non-increasing in ratio[t] (0
@@ -234,12 +249,8 @@ def _packed_keys(ratio, packed):
     x >= 0, shifted so that the row's finite positive ratios fill the key range."""
     bits = ratio.view(numpy.int64)
     top = numpy.int64((1 << KEY_BITS) - 1)
-    inf_bits = numpy.int64(0x7FF0000000000000)
-    lo, hi = inf_bits, numpy.int64(0)
-    for t in range(bits.shape[0]):
-        b = bits[t]
-        if b > 0 and b < inf_bits:
-            lo, hi = min(lo, b), max(hi, b)
+    inf_bits = numpy.int64(_INF_BITS)
+    lo, hi = finite_positive_range(bits)
     shift = 0
     while (hi - lo) >> shift > top - 2:
         shift += 1
@@ -280,6 +291,21 @@ def _radix_pass(src, dst, shift):
                 dst[pos] = word
 
 
+@numba.njit(inline="always", **_JIT)
+def insert_descending(order, rs, start, a):
+    """One insertion step, where rs[a - 1] < rs[a]: moves position a (rs[a] and order[a]) back
+    into the non-increasing run rs[start:a]; returns how many positions it passed.  Callers
+    test the order first, so that a position already in place costs one comparison."""
+    r = rs[a]
+    t = order[a]
+    c = a - 1
+    while c >= start and rs[c] < r:
+        order[c + 1], rs[c + 1] = order[c], rs[c]
+        c -= 1
+    order[c + 1], rs[c + 1] = t, r
+    return a - 1 - c
+
+
 @numba.njit(**_JIT)
 def descending_ratio_order(ratio, order, sorted_ratio, packed, spare):
     """order: the indices of ``ratio`` by non-increasing value (exact ties in any order), and
@@ -297,16 +323,9 @@ def descending_ratio_order(ratio, order, sorted_ratio, packed, spare):
     # the gathered ratios, in memory order, and move them with their tokens.
     moves, budget = 0, INSERTION_BUDGET * n
     for a in range(1, n):
-        r = sorted_ratio[a]
-        if not sorted_ratio[a - 1] < r:
+        if not sorted_ratio[a - 1] < sorted_ratio[a]:
             continue
-        t = order[a]
-        b = a - 1
-        while b >= 0 and sorted_ratio[b] < r:
-            order[b + 1], sorted_ratio[b + 1] = order[b], sorted_ratio[b]
-            b -= 1
-        order[b + 1], sorted_ratio[b + 1] = t, r
-        moves += a - 1 - b
+        moves += insert_descending(order, sorted_ratio, 0, a)
         if moves > budget:
             order[:] = numpy.argsort(-ratio)
             for i in range(n):
@@ -322,9 +341,6 @@ def descending_ratio_order(ratio, order, sorted_ratio, packed, spare):
 # SHORT_SPAN: a short row takes cells wherever it can, which is cheap either way).
 CELL_EXPANSION_SHARE = 0.25
 SHORT_SPAN = 64  # a bucket of single tokens up to this size is sorted by insertion
-_INF_BITS = 0x7FF0000000000000
-
-
 @numba.njit(**_JIT)
 def bucket_of(bits, shift, key_hi, buckets):
     """The bucket of a ratio p/q >= 0 (inf for q = 0), given as its bit pattern."""
@@ -372,11 +388,7 @@ def cells_layout(p, q, p_scale, q_scale, ratio, k, work, run_width):
     vocab = ratio.shape[0]
     declined = (vocab, 0, vocab, -1, 0, 0, 0)
     bits = ratio.view(numpy.int64)
-    lo, hi = numpy.int64(_INF_BITS), numpy.int64(0)
-    for t in range(vocab):
-        b = bits[t]
-        if b > 0 and b < _INF_BITS:
-            lo, hi = min(lo, b), max(hi, b)
+    lo, hi = finite_positive_range(bits)
     if hi == 0:
         return declined
     mantissa_bits = 0
@@ -526,15 +538,8 @@ def _sort_span(order, rs, start, end, work):
     short, else through an argsort (work rows 5 and 8 as scratch)."""
     if end - start <= SHORT_SPAN:
         for a in range(start + 1, end):
-            r = rs[a]
-            if not rs[a - 1] < r:
-                continue
-            t = order[a]
-            c = a - 1
-            while c >= start and rs[c] < r:
-                order[c + 1], rs[c + 1] = order[c], rs[c]
-                c -= 1
-            order[c + 1], rs[c + 1] = t, r
+            if rs[a - 1] < rs[a]:
+                insert_descending(order, rs, start, a)
         return
     size = end - start
     by = numpy.argsort(-rs[start:end])
@@ -558,11 +563,11 @@ def plan_positions(p, q, p_total, q_total, k, work, run_width, cells):
     only the buckets near the cut and those the slack cannot cover are sorted token by token;
     a row where too many are, or whose checks fail, is planned token by token.
 
-    Returns ``(order, ps, phi, tiers, marginal, n, layout)``: views into ``work`` of the n
-    positions -- ``order`` (the token at each position, -1 for a cell), ``ps`` (p there; a
-    merged cell of T* holds its raised target), ``phi`` and ``tiers`` (the scale there is
-    phi * 2^(-TIER_BITS * tier)) and ``marginal`` (s there) -- and ``layout`` (the cells'
-    (buckets, shift, top key), buckets 0 without cells), for ``token_position``.  Staying in
+    Returns ``(order, phi, tiers, marginal, n, layout)``: views into ``work`` of the n
+    positions -- ``order`` (the token at each position, -1 for a cell), ``phi`` and ``tiers``
+    (the scale there is phi * 2^(-TIER_BITS * tier)) and ``marginal`` (s there) -- and
+    ``layout`` (the cells' (buckets, shift, top key), buckets 0 without cells), for
+    ``token_position``.  Staying in
     position order spares ``verify_row`` two scatters of V values to token order, which only
     the kernel needs.
     """
@@ -588,7 +593,7 @@ def plan_positions(p, q, p_total, q_total, k, work, run_width, cells):
         ok, phi, tiers, marginal = plan_stages(qs, ps, rs, order, n, k, work, 0.0 if buckets else run_width,
                                                buckets > 0, pos_lo, pos_hi, h_last)
         if ok or buckets == 0:
-            return order[:n], ps[:n], phi, tiers, marginal, n, (buckets, shift, key_hi)
+            return order[:n], phi, tiers, marginal, n, (buckets, shift, key_hi)
         buckets = 0
 
 
@@ -810,21 +815,34 @@ def plan_positions_compiled(p, q, p_total, q_total, k, work, run_width, cells):
 @numba.njit(**_JIT)
 def plan_one_row(p, q, k, log_scale_out, marginal_out, work, run_width, cells):
     """One row's plan in token order: the log scales log(phi) and the winner law s."""
-    order, _, phi, tiers, marginal, n, layout = plan_positions_compiled(p, q, 1.0, 1.0, k, work, run_width, cells)
-    if layout[0] == 0:
-        for m in range(n):
-            t = order[m]
-            log_scale_out[t], marginal_out[t] = math.log(phi[m]) - tiers[m] * _TIER_LOG, marginal[m]
-        return
-    position = token_positions(work, p.shape[0], layout)
-    factor = cell_factors(order, work[2, :n], marginal, work[5, :n])
-    log_scale = work[6, :n]
+    order, phi, tiers, marginal, n, layout = plan_positions_compiled(p, q, 1.0, 1.0, k, work, run_width, cells)
+    marginal_by_token(q, 1.0, order, marginal, n, layout, work, marginal_out)
+    log_scale = work[6, :n]  # per position, then per token (q_group is not needed past the plan)
     for m in range(n):
         log_scale[m] = math.log(phi[m]) - tiers[m] * _TIER_LOG
+    if layout[0] == 0:
+        for m in range(n):
+            log_scale_out[order[m]] = log_scale[m]
+        return
+    position = work[15, : p.shape[0]].view(numpy.int64)  # as marginal_by_token wrote it
     for t in range(p.shape[0]):
+        log_scale_out[t] = log_scale[position[t]]
+
+
+@numba.njit(**_JIT)
+def marginal_by_token(q, q_scale, order, marginal, n, layout, work, out):
+    """out[t] = s of token t, for a plan of n positions (plan_positions): scattered from the
+    positions, or, with cells, a token's own position's s or its share q_t / q(cell) of its
+    cell's (work row 15 then holds every token's position, row 5 the cells' factors)."""
+    if layout[0] == 0:
+        for m in range(n):
+            out[order[m]] = marginal[m]
+        return
+    position = token_positions(work, q.shape[0], layout)
+    factor = cell_factors(order, work[2, :n], marginal, work[5, :n])
+    for t in range(q.shape[0]):
         m = position[t]
-        log_scale_out[t] = log_scale[m]
-        marginal_out[t] = marginal[m] if order[m] >= 0 else q[t] * factor[m]
+        out[t] = marginal[m] if order[m] >= 0 else (q[t] * q_scale) * factor[m]
 
 
 @numba.njit(**_JIT)
@@ -977,7 +995,7 @@ def verify_row(p_row, q_row, drafts, u, k, work, run_width, cells):
     for t in range(vocab):
         p_total += p[t]
         q_total += q[t]
-    order, _, phi, tiers, marginal, n, layout = plan_positions_compiled(p, q, p_total, q_total, k, work, run_width, cells)
+    order, phi, tiers, marginal, n, layout = plan_positions_compiled(p, q, p_total, q_total, k, work, run_width, cells)
     qs = work[2, :n]
     q_scale = 1 / q_total
     winner, at, best = drafts[0], 0, -math.inf
@@ -994,15 +1012,7 @@ def verify_row(p_row, q_row, drafts, u, k, work, run_width, cells):
     if u[k] < keep:
         return winner
     by_token = work[11, :vocab]
-    if layout[0] == 0:
-        for m in range(n):
-            by_token[order[m]] = marginal[m]
-    else:
-        position = token_positions(work, vocab, layout)
-        factor = cell_factors(order, qs, marginal, work[5, :n])
-        for t in range(vocab):
-            m = position[t]
-            by_token[t] = marginal[m] if order[m] >= 0 else (q[t] * q_scale) * factor[m]
+    marginal_by_token(q, q_scale, order, marginal, n, layout, work, by_token)
     return residual_draw(p, p_total, by_token, u[k + 1])
 
 
