@@ -418,7 +418,8 @@ def test_cells_verify_follows_the_kernel(rows):
     likely tuple with a random verdict (so that the residual draw, which maps every token to its
     cell, runs too), calibrated chi-square."""
     ps, qs = llm_like(10, 12, seed=24, noise=1.0, scale=2.0)
-    pick_row = next(i for i in range(10) if (lambda nb: nb[1] > 0 and nb[0] < 12)(cells_of(ps[i], qs[i], 2)))
+    layouts = [cells_of(ps[i], qs[i], 2) for i in range(10)]
+    pick_row = next(i for i, (n, buckets) in enumerate(layouts) if buckets > 0 and n < 12)
     p, q = ps[pick_row], qs[pick_row]
     assert_verify_follows_kernel(md.get_verifier("optimal", fused=True), p, q, 2, rows, seed=13, label="optimal with cells")
 

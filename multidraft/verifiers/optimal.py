@@ -194,7 +194,7 @@ def _check_run_width(run_width: float) -> float:
     return float(run_width)
 
 
-def _plan_of_laws(p: Tensor, q: Tensor, k: int, fused: bool | None, run_width: float, cells: bool = True) -> Plan:
+def _plan_of_laws(p: Tensor, q: Tensor, k: int, fused: bool | None, run_width: float, cells: bool) -> Plan:
     """``optimal_plan`` for rows already renormalized in float64 (``as_law``)."""
     if k == 1:  # the only draft always wins: s = q
         return Plan(torch.zeros_like(q), q.clone())
